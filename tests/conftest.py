@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random-init models of several architectures, built from configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Never reach for a model hub from the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "gemma", "mistral")
+
+
+def tiny_config(arch: str):
+    """A config for a 2-layer model of ``arch`` small enough to run in milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, max_position_embeddings=64)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, **common)
+    if arch == "llama":
+        return tf.LlamaConfig(**decoder)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**decoder)  # q/k/v have biases: exercises bias handling
+    if arch == "mistral":
+        return tf.MistralConfig(**decoder)
+    if arch == "gemma":
+        return tf.GemmaConfig(head_dim=8, **decoder)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96,
+                             bos_token_id=0, eos_token_id=0)
+    raise ValueError(arch)
+
+
+def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A fresh tiny causal LM of ``arch`` in fp32 eval mode, deterministic for ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 96, (2, 12), generator=generator)
