@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "LorakitError": "lorakit.errors",
     "LoraConfig": "lorakit.adapters.config",
-    "get_peft_model": "lorakit.peft",
-    "PeftModel": "lorakit.peft",
+    "get_peft_model": "lorakit.compat",
+    "PeftModel": "lorakit.compat",
     "add_adapter": "lorakit.inject",
     "delete_adapter": "lorakit.inject",
     "set_active": "lorakit.inject",

@@ -175,13 +175,11 @@ class LoraConfig:
         data["peft_version"] = _peft_version_written()
         return data
 
-    def save(self, folder: str | Path) -> Path:
-        """Write ``adapter_config.json`` (indent 2, keys sorted, ``inference_mode`` true)."""
+    def to_json(self) -> str:
+        """``adapter_config.json``'s text as PEFT writes it: indent 2, keys sorted, inference mode."""
         data = self.to_dict()
         data["inference_mode"] = True
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        return path
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> LoraConfig:

@@ -85,6 +85,7 @@ class LoraLayer(nn.Module):
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self._move_parameters(name, weight.device, dtype)
+        self.train(self.base_layer.training)  # new modules start in train mode; follow the model's
 
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging it first if it is merged)."""
@@ -269,11 +270,16 @@ class LoraEmbedding(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         base = self.base_layer
+        # Scaled embeddings (Gemma: × √dim in forward) scale the update too, so merged == unmerged.
+        embed_scale = getattr(base, "embed_scale", None)
         for name in self._branch_names():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)  # (…, r)
-            result = result + ((h @ B.T) * self.scaling[name]).to(result.dtype)
+            update = (h @ B.T) * self.scaling[name]  # (…, dim)
+            if embed_scale is not None:
+                update = update * torch.as_tensor(embed_scale, dtype=update.dtype, device=update.device)
+            result = result + update.to(result.dtype)
         return result
 
 

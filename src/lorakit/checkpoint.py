@@ -1,0 +1,275 @@
+"""Save and load adapters in PEFT's file format, key for key (REFERENCE.md "PEFT adapter format").
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. In the file, the adapter
+name is dropped from each key and every key is prefixed ``base_model.model.``::
+
+    model key:  model.layers.0.self_attn.q_proj.lora_A.default.weight
+    file key:   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model key:  lm_head.modules_to_save.default.weight      file key: base_model.model.lm_head.weight
+
+Several adapters in one folder are laid out as PEFT does: ``default`` at the top, every other
+adapter in a sub-folder named after it.
+
+Tensors load from safetensors only. A pickle ``adapter_model.bin`` is refused unless the caller
+opts in (``allow_pickle=True``), and is then read with ``torch.load(weights_only=True)``.
+Loading checks every key and shape before anything is kept: a failed load leaves the model as it
+was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.adapters.config import CONFIG_NAME, LoraConfig
+from lorakit.adapters.lora import LoraLayer
+from lorakit.errors import LorakitError
+from lorakit.inject import add_adapter, adapter_configs, bias_parameters, delete_adapter, set_active
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under PEFT's file keys (detached, contiguous copies)."""
+    config = adapter_configs(model).get(name)
+    if config is None:
+        raise LorakitError(f"no adapter named {name!r} to save")
+    return {file_key: tensor.detach().clone().contiguous()
+            for file_key, (_, tensor) in _adapter_entries(model, name, config).items()}
+
+
+def _adapter_entries(model: nn.Module, name: str, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    """file key -> (model key, the model's tensor) for every tensor adapter ``name`` owns."""
+    entries = {}
+    tag = re.escape(name)
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        file_key = None
+        if re.search(rf"\.({'|'.join(_ADAPTER_PARTS)})\.{tag}(\.|$)", key):
+            file_key = re.sub(rf"\.({'|'.join(_ADAPTER_PARTS)})\.{tag}(\.|$)", r".\1\2", key)
+        elif f".modules_to_save.{name}." in key or key.startswith(f"modules_to_save.{name}."):
+            file_key = key.replace(f"modules_to_save.{name}.", "")
+        if file_key is not None:
+            entries[PREFIX + file_key] = (key, tensor)
+    for key, param in bias_parameters(model, config.bias).items():
+        entries[PREFIX + key] = (key, param)
+    return entries
+
+
+def _embedding_entries(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """The input/output embedding weights, which PEFT also writes when an embedding is targeted
+    (for resized vocabularies): read when present, never required, not written by us."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
+    entries = {}
+    for module_name, module in model.named_modules():
+        if any(module is w for w in wanted):
+            for param_name, param in module.named_parameters(recurse=False):
+                key = f"{module_name}.{param_name}"
+                entries[PREFIX + key] = (key, param)
+    return entries
+
+
+# -- save ----------------------------------------------------------------------------------------
+
+
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    names: list[str] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> list[Path]:
+    """Write adapters in PEFT's layout: ``default`` in ``folder``, others in ``folder/<name>``.
+
+    Args:
+        model: a model with adapters added or loaded.
+        folder: the output folder (created).
+        names: which adapters (default: all).
+        base_model_name_or_path: recorded in the config; defaults to the model's own name.
+
+    Returns:
+        The folders written.
+    """
+    from safetensors.torch import save_file
+
+    configs = adapter_configs(model)
+    names = list(configs) if names is None else names
+    if not names:
+        raise LorakitError("the model has no adapter to save")
+    written = []
+    for name in names:
+        if name not in configs:
+            raise LorakitError(f"no adapter named {name!r} (loaded: {', '.join(configs) or 'none'})")
+        out = Path(folder) if name == "default" else Path(folder) / name
+        out.mkdir(parents=True, exist_ok=True)
+        config = configs[name]
+        base = base_model_name_or_path or config.base_model_name_or_path or model_name(model)
+        tensors = adapter_state_dict(model, name)
+        _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        text = dataclasses.replace(config, base_model_name_or_path=base).to_json()
+        _atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        written.append(out)
+    return written
+
+
+def _atomic_write(target: Path, write) -> None:
+    # Write beside the target, then rename: a crash never leaves a half-written file in its place.
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter is an ordinary, shareable file
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The name or path the model was loaded from, if it says."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+def load_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    name: str = "default",
+    trainable: bool = False,
+    activate: bool = True,
+    allow_pickle: bool = False,
+) -> LoraConfig:
+    """Load the PEFT-format adapter in ``folder`` into ``model`` as adapter ``name``.
+
+    Args:
+        model: the base model (or one with other adapters already).
+        folder: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: the name to give the adapter.
+        trainable: keep its tensors trainable (to continue training); else frozen.
+        activate: make it the only active adapter.
+        allow_pickle: accept an ``adapter_model.bin`` (read with ``weights_only=True``).
+
+    Returns:
+        The adapter's config.
+
+    Raises:
+        LorakitError: missing/corrupt files, a config with wrong types, tensors that do not fit
+            the model (the module and both shapes are named). The model is left unchanged.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"adapter folder {folder} does not exist")
+    config = LoraConfig.load(folder)
+    if config.use_dora:
+        raise LorakitError(f"{folder}: a DoRA adapter (use_dora: true); this version of lorakit loads plain LoRA")
+    tensors, source = read_adapter_tensors(folder, allow_pickle=allow_pickle)
+    config = dataclasses.replace(config, inference_mode=not trainable)
+    try:
+        add_adapter(model, config, name, activate=False, strict_targets=False)
+    except LorakitError as err:
+        raise LorakitError(f"{folder}: {err}") from None
+    try:
+        _copy_into_model(model, name, tensors, source)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    if activate:
+        set_active(model, [name])
+    return adapter_configs(model)[name]
+
+
+def load_adapters(model: nn.Module, folder: str | Path, trainable: bool = False) -> list[str]:
+    """Load every adapter of a PEFT multi-adapter folder (``default`` at the top, others in
+    sub-folders); the first becomes active. Returns their names."""
+    folder = Path(folder)
+    names = []
+    if (folder / CONFIG_NAME).is_file():
+        load_adapter(model, folder, "default", trainable=trainable, activate=False)
+        names.append("default")
+    for sub in sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []:
+        load_adapter(model, sub, sub.name, trainable=trainable, activate=False)
+        names.append(sub.name)
+    if not names:
+        raise LorakitError(f"{folder}: no {CONFIG_NAME} here or in its sub-folders")
+    set_active(model, names[:1])
+    return names
+
+
+def read_adapter_tensors(folder: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter file's tensors (on CPU) and the path they came from."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path), path
+        except Exception as err:  # safetensors raises its own error type for bad headers/sizes
+            raise LorakitError(
+                f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt — "
+                "save or copy the adapter again"
+            ) from None
+    path = folder / PICKLE_WEIGHTS_NAME
+    if path.is_file():
+        if not allow_pickle:
+            raise LorakitError(
+                f"{path}: a pickle file, refused because unpickling can run arbitrary code; convert it "
+                "to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) to read it "
+                "with torch.load(weights_only=True)"
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as err:
+            raise LorakitError(f"{path}: cannot be loaded safely (weights_only=True): {err}") from None
+    raise LorakitError(f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in this folder")
+
+
+def _copy_into_model(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    entries = _adapter_entries(model, name, adapter_configs(model)[name])
+    optional = _embedding_entries(model)
+    # Files written without the prefix (seen in the wild) are read too.
+    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    missing = sorted(set(entries) - set(tensors))
+    unexpected = sorted(set(tensors) - set(entries) - set(optional))
+    entries = {**optional, **entries}
+    if missing:
+        raise LorakitError(
+            f"{source}: {len(missing)} tensor(s) that its config implies are missing, e.g. "
+            f"{', '.join(missing[:3])}; the file does not belong to this adapter_config.json or this model"
+        )
+    if unexpected:
+        raise LorakitError(
+            f"{source}: {len(unexpected)} tensor(s) match nothing this adapter adapts in the model, e.g. "
+            f"{', '.join(unexpected[:3])}; was it trained on another base model?"
+        )
+    for file_key, tensor in tensors.items():
+        model_key, target = entries[file_key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            module = re.sub(rf"\.({'|'.join(_ADAPTER_PARTS)}|modules_to_save)\..*$", "", model_key)
+            raise LorakitError(
+                f"{source}: {file_key} has shape {tuple(tensor.shape)} but module {module} of the base "
+                f"model needs {tuple(target.shape)}; the adapter was trained on a different base model"
+            )
+        if not tensor.is_floating_point():
+            raise LorakitError(f"{source}: {file_key} holds {tensor.dtype} values, expected floating point")
+    with torch.no_grad():
+        for file_key, tensor in tensors.items():
+            _, target = entries[file_key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,133 @@
+"""``lorakit inspect DIR``: what an adapter folder holds, read from its headers only.
+
+Ranks, alpha, targets, variant, parameter count, file size, base model, and whether vLLM's
+default ``--max-lora-rank`` (16) accepts it. Multi-adapter folders list each adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="an adapter folder (PEFT format)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    reports = inspect_folder(Path(args.folder))
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        print("\n\n".join(_format(r) for r in reports))
+    return 0
+
+
+def inspect_folder(folder: Path) -> list[dict[str, Any]]:
+    """One report per adapter in ``folder`` (``default`` at the top, others in sub-folders)."""
+    from lorakit.adapters.config import CONFIG_NAME
+    from lorakit.errors import LorakitError
+
+    if not folder.is_dir():
+        raise LorakitError(f"{folder} is not a folder")
+    found = [("default", folder)] if (folder / CONFIG_NAME).is_file() else []
+    found += [(sub.name, sub) for sub in sorted(folder.iterdir()) if (sub / CONFIG_NAME).is_file()]
+    if not found:
+        raise LorakitError(f"{folder}: no {CONFIG_NAME} here or in its sub-folders; not an adapter folder")
+    return [inspect_adapter(name, path) for name, path in found]
+
+
+def inspect_adapter(name: str, folder: Path) -> dict[str, Any]:
+    """Facts about one adapter folder, from its config and the safetensors header."""
+    from lorakit.adapters.config import LoraConfig
+    from lorakit.checkpoint import WEIGHTS_NAME, PREFIX
+    from lorakit.errors import LorakitError
+    from safetensors import safe_open
+
+    config = LoraConfig.load(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise LorakitError(f"{path}: missing (lorakit reads safetensors adapters only)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    except Exception as err:
+        raise LorakitError(f"{path}: not a readable safetensors file ({err})") from None
+    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))})
+    modules = sorted({k[len(PREFIX):].split(".lora_")[0] for k in shapes if ".lora_" in k})
+    module_types = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    dora = config.use_dora or any(k.endswith("lora_magnitude_vector") for k in shapes)
+    variant = "DoRA" if dora else "LoRA"
+    if config.use_rslora:
+        variant = "rs" + variant
+    max_rank = max(ranks) if ranks else 0
+    return {
+        "name": name,
+        "folder": str(folder),
+        "variant": variant,
+        "ranks": ranks,
+        "lora_alpha": config.lora_alpha,
+        "alpha_pattern": config.alpha_pattern,
+        "rank_pattern": config.rank_pattern,
+        "targets": module_types,
+        "adapted_modules": len(modules),
+        "modules_to_save": config.modules_to_save or [],
+        "parameters": sum(_numel(s) for s in shapes.values()),
+        "file_bytes": path.stat().st_size,
+        "base_model": config.base_model_name_or_path,
+        "vllm_default_max_lora_rank_ok": max_rank <= VLLM_DEFAULT_MAX_LORA_RANK,
+        "vllm_note": _vllm_note(max_rank, dora, config),
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _vllm_note(max_rank: int, dora: bool, config) -> str:
+    notes = []
+    if max_rank <= VLLM_DEFAULT_MAX_LORA_RANK:
+        notes.append(f"rank {max_rank} <= {VLLM_DEFAULT_MAX_LORA_RANK}: accepted with vLLM's default --max-lora-rank")
+    else:
+        needed = next(r for r in (32, 64, 128, 256, 320, 512) if r >= max_rank) if max_rank <= 512 else max_rank
+        notes.append(f"rank {max_rank} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {needed}")
+    if dora:
+        notes.append("DoRA: merge it (lorakit merge) before serving with vLLM")
+    if config.modules_to_save:
+        notes.append("modules_to_save are fully trained modules that LoRA servers may ignore; merging is safer")
+    return "; ".join(notes)
+
+
+def _format(report: dict[str, Any]) -> str:
+    rows = [
+        ("adapter", f"{report['name']}  ({report['folder']})"),
+        ("variant", report["variant"]),
+        ("rank", ", ".join(map(str, report["ranks"])) or "-"),
+        ("alpha", f"{report['lora_alpha']:g}" + (f"  pattern {report['alpha_pattern']}" if report["alpha_pattern"] else "")),
+        ("targets", f"{', '.join(report['targets'])}  ({report['adapted_modules']} modules)"),
+        ("modules_to_save", ", ".join(report["modules_to_save"]) or "-"),
+        ("parameters", f"{report['parameters']:,d}"),
+        ("file size", _human_bytes(report["file_bytes"])),
+        ("base model", report["base_model"] or "(not recorded)"),
+        ("vLLM", report["vllm_note"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"

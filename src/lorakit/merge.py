@@ -1,0 +1,74 @@
+"""Merge adapters into the base weights, take them out again, or drop them.
+
+``merge`` folds ``ΔW = s·B A`` into ``W`` (fp32 sum, cast back) for every adapted layer; it is an
+explicit call and merging twice changes nothing. Every layer's update is checked for NaN/inf
+before the first weight changes. ``merge_and_unload`` returns the plain base architecture with the
+updates folded in; ``unload`` returns it without them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.adapters.lora import LoraLayer
+from lorakit.errors import LorakitError
+from lorakit.inject import active_adapters, adapter_state, named_adapter_layers, set_submodule
+
+
+def merge(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights, in place.
+
+    Raises:
+        LorakitError: an update holds NaN/inf; no weight has been changed.
+    """
+    layers = [layer for _, layer in named_adapter_layers(model) if isinstance(layer, LoraLayer)]
+    names = active_adapters(model) if names is None else names
+    for layer in layers:  # check all first: a bad adapter must not leave the model half merged
+        for name in names:
+            if name in layer.options and name not in layer.merged:
+                delta = layer.delta_weight(name)
+                bias = layer.delta_bias(name)
+                if not torch.isfinite(delta).all() or (bias is not None and not torch.isfinite(bias).all()):
+                    raise LorakitError(f"adapter {name!r} holds NaN or inf values; refusing to merge it")
+    for layer in layers:
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in named_adapter_layers(model):
+        if isinstance(layer, LoraLayer):
+            layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Merge adapters (default: the active ones), then remove every adapter layer.
+
+    ``modules_to_save`` keep their active trained copy. Returns ``model``, now of the base
+    architecture, with no trace of lorakit.
+    """
+    names = active_adapters(model) if names is None else names
+    merge(model, names)
+    return _strip(model, keep_trained_copies=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter layer without merging: the original base model comes back."""
+    unmerge(model)
+    return _strip(model, keep_trained_copies=False)
+
+
+def _strip(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
+    for module_name, layer in list(named_adapter_layers(model)):
+        if isinstance(layer, LoraLayer):
+            replacement = layer.base_layer
+        elif keep_trained_copies and not layer.disabled and layer.active:
+            replacement = layer.modules_to_save[layer.active[0]]
+        else:
+            replacement = layer.original_module
+        set_submodule(model, module_name, replacement)
+    state = adapter_state(model)
+    state.configs.clear()
+    state.active.clear()
+    return model
