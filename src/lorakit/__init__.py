@@ -26,10 +26,10 @@ _LAZY = {
     "trainable_parameters": "lorakit.inject",
     "save_adapter": "lorakit.checkpoint",
     "load_adapter": "lorakit.checkpoint",
-    "merge": "lorakit.merge",
-    "unmerge": "lorakit.merge",
-    "merge_and_unload": "lorakit.merge",
-    "unload": "lorakit.merge",
+    "merge": "lorakit.merging",
+    "unmerge": "lorakit.merging",
+    "merge_and_unload": "lorakit.merging",
+    "unload": "lorakit.merging",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -8,7 +8,7 @@
     model.save_pretrained("out")                             # a PEFT adapter folder
 
 A thin wrapper over the functional core (:mod:`lorakit.inject`, :mod:`lorakit.checkpoint`,
-:mod:`lorakit.merge`), laid out like PEFT's so that ``peft_model.base_model.model`` is the
+:mod:`lorakit.merging`), laid out like PEFT's so that ``peft_model.base_model.model`` is the
 transformer and ``peft_model.state_dict()`` keys start with ``base_model.model.``. Attributes the
 wrapper does not define are read from the wrapped model (one level of forwarding, no more).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import checkpoint, inject, merge
+from lorakit import checkpoint, inject, merging
 from lorakit.adapters.config import LoraConfig
 
 __all__ = ["LoraConfig", "LoraModel", "PeftModel", "get_peft_model"]
@@ -116,18 +116,18 @@ class PeftModel(nn.Module):
             yield
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        merge.merge(self.model, adapter_names)
+        merging.merge(self.model, adapter_names)
 
     def unmerge_adapter(self) -> None:
-        merge.unmerge(self.model)
+        merging.unmerge(self.model)
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the (active) adapters in and return the plain base model."""
-        return merge.merge_and_unload(self.model, adapter_names)
+        return merging.merge_and_unload(self.model, adapter_names)
 
     def unload(self) -> nn.Module:
         """Return the base model without adapters (not merged)."""
-        return merge.unload(self.model)
+        return merging.unload(self.model)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return inject.trainable_parameters(self.model)

@@ -1,5 +1,8 @@
 """Merge adapters into the base weights, take them out again, or drop them.
 
+(The module is ``merging`` so that the package-level function ``lorakit.merge`` is not shadowed
+by a submodule of the same name.)
+
 ``merge`` folds ``ΔW = s·B A`` into ``W`` (fp32 sum, cast back) for every adapted layer; it is an
 explicit call and merging twice changes nothing. Every layer's update is checked for NaN/inf
 before the first weight changes. ``merge_and_unload`` returns the plain base architecture with the
@@ -31,8 +34,30 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
                 bias = layer.delta_bias(name)
                 if not torch.isfinite(delta).all() or (bias is not None and not torch.isfinite(bias).all()):
                     raise LorakitError(f"adapter {name!r} holds NaN or inf values; refusing to merge it")
+    _untie(model, [layer for layer in layers if any(n in layer.options and n not in layer.merged for n in names)])
     for layer in layers:
         layer.merge(names)
+
+
+def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
+    """Give each layer about to merge its own copy of a weight it shares with another module.
+
+    Tied embeddings (GPT-2, Gemma, SmolLM2) use one tensor as input embedding and output head; an
+    adapter on one of them must not change the other when merged. The config is updated so that a
+    saved merged model is not re-tied on load.
+    """
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    untied = False
+    for layer in layers:
+        weight = layer.base_layer.weight
+        if counts.get(id(weight), 0) > 1:
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def unmerge(model: nn.Module) -> None:
