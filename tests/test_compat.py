@@ -60,3 +60,33 @@ def test_facade_methods(input_ids, tmp_path):
     model.set_adapter("default")
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged, input_ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_snippet_on_smollm2_matches_peft(smollm2_path, capsys, tmp_path):
+    """The real model: same trainable-parameter line as PEFT, and our saved adapter (made non-zero)
+    gives PEFT the same logits."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, get_peft_model
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+    ours = get_peft_model(load(), LoraConfig(**SNIPPET))
+    ours.print_trainable_parameters()
+    line = capsys.readouterr().out
+    peft.get_peft_model(load(), peft.LoraConfig(**SNIPPET)).print_trainable_parameters()
+    assert line == capsys.readouterr().out
+    # per layer: q and o 16·576 + 576·16, k and v 16·576 + 192·16 (3 kv heads × 64); 30 layers
+    assert line.startswith("trainable params: 1,843,200 || all params: 136,358,208 || trainable%: 1.3517")
+
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
+    ours.eval()
+    expected = logits(ours, ids)
+    ours.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(peft_load(load(), tmp_path), ids), expected, rtol=1e-5, atol=1e-5)

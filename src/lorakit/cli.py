@@ -16,6 +16,7 @@ from lorakit.errors import LorakitError
 
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("lorakit.commands.data", "check a data file: format, counts, token lengths, answer masks"),
     "inspect": ("lorakit.commands.inspect", "what an adapter folder holds (ranks, targets, size, vLLM fit)"),
 }
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorakit inspect … | head`
+        return 0
 
 
 if __name__ == "__main__":

