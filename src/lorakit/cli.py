@@ -18,6 +18,8 @@ from lorakit.errors import LorakitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lorakit.commands.data", "check a data file: format, counts, token lengths, answer masks"),
     "inspect": ("lorakit.commands.inspect", "what an adapter folder holds (ranks, targets, size, vLLM fit)"),
+    "spectrum": ("lorakit.commands.spectrum", "rank weight matrices by signal-to-noise; select the best ones to train"),
+    "estimate": ("lorakit.commands.estimate", "memory plan for a training run: does it fit, and what to change"),
 }
 
 

@@ -1,0 +1,409 @@
+"""Memory planner: will this fine-tuning configuration fit, and what to change when it does not.
+
+Everything comes from the model's config: the model is instantiated on the ``meta`` device (no
+weights, no memory) so parameter counts and shapes are exact for any transformers architecture.
+The peak of one training step is modelled as
+
+    persistent  = weights + adapters + optimizer state (+ fp32 master copy)
+    phase 1     = saved activations + logits/loss backward temporaries (+ grads if accumulating)
+    phase 2     = all gradients + one layer's activations           (end of backward)
+    peak        = persistent + max(phase 1, phase 2)
+
+Activations follow a pre-norm decoder as transformers implements it (Llama, Mistral, Qwen2,
+Gemma …) with SDPA/flash attention (no seq×seq score matrix), fp32 RMSNorm internals and the
+plain cross-entropy over the full vocabulary. Each saved tensor is counted only when autograd
+really keeps it (a frozen layer does not keep its input). Checked against a measured CPU training
+step in tests/test_estimate.py; docs/estimate.md lists what the model leaves out.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+METHODS = ("full", "lora", "qlora", "dora", "spectrum")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GIB = 1 << 30
+# GPUs people name on the command line -> GiB (a "24 GB" card has 24 GiB).
+GPU_ALIASES = {"t4": 16, "v100": 32, "a10": 24, "a10g": 24, "l4": 24, "3090": 24, "4090": 24, "5090": 32,
+               "a6000": 48, "l40s": 48, "a100": 80, "h100": 80, "h200": 141, "b200": 192}
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one tensor in bitsandbytes NF4 with double quantisation (≈4.127 bits/param).
+
+    Two codes per byte; one 8-bit absmax per 64-value block; one fp32 absmax per 256 blocks plus
+    an fp32 offset for the double quantisation of those absmaxes.
+    """
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4
+
+
+def parse_size(text: str) -> int:
+    """``"24GB"``, ``"24GiB"``, ``"80G"``, ``"24000MB"``, ``"4090"`` or ``"24"`` -> bytes.
+
+    GB and GiB both mean 2**30 bytes: GPU memory is sized in binary units, so a "24 GB" card
+    holds 24 GiB. A bare number is GiB.
+
+    Raises:
+        LorakitError: the text is not a size or a known GPU.
+    """
+    t = text.strip().lower().replace(" ", "")
+    if t in GPU_ALIASES:
+        return GPU_ALIASES[t] * GIB
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(gib|gb|g|mib|mb|m|tib|tb|t)?", t)
+    if m is None or float(m[1]) <= 0:
+        raise LorakitError(f"--gpu {text!r}: expected a memory size such as 24GB, 80GiB or 16000MB, "
+                           f"or a GPU name ({', '.join(sorted(GPU_ALIASES))})")
+    scale = {"t": 1 << 40, "g": GIB, "m": 1 << 20}[(m[2] or "g")[0]]
+    return int(float(m[1]) * scale)
+
+
+@dataclass
+class Setup:
+    """One training configuration to plan for."""
+
+    method: str = "lora"
+    """full | lora | qlora | dora | spectrum."""
+    rank: int = 16
+    """LoRA/DoRA/QLoRA rank r."""
+    batch: int = 1
+    """Micro-batch size (sequences per forward pass)."""
+    seq: int = 2048
+    """Tokens per sequence (packed or padded length)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps; above 1, gradients stay alive during the next forward pass."""
+    dtype: str = "bf16"
+    """Dtype of the base weights and of activations: bf16 | fp16 | fp32 (QLoRA: NF4 weights)."""
+    adapter_dtype: str = "fp32"
+    """Dtype of adapter weights (PEFT's default upcasts them to fp32)."""
+    checkpointing: bool = False
+    """Gradient checkpointing: keep each layer's input only, recompute the rest in backward."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """LoRA targets: "all-linear" (never the output head) or module-name suffixes."""
+    dropout: float = 0.0
+    """LoRA dropout; above 0 every adapted layer keeps its own dropped-out input and mask."""
+    top: float = 25.0
+    """Spectrum: percentage of matrices trained per module type."""
+    spectrum_embeddings: bool = True
+    """Spectrum: also train the embeddings and output head (the reference does)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LorakitError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        for key in ("dtype", "adapter_dtype"):
+            if getattr(self, key) not in DTYPE_BYTES:
+                raise LorakitError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(DTYPE_BYTES)}")
+        for key in ("rank", "batch", "seq", "grad_accum"):
+            if int(getattr(self, key)) < 1:
+                raise LorakitError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected a positive integer")
+        if not 0.0 <= self.top <= 100.0:
+            raise LorakitError(f"--top {self.top}: expected a percentage between 0 and 100")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LorakitError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+        if isinstance(self.targets, list):
+            self.targets = tuple(self.targets)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of the model: full name, input and output features, layer index."""
+
+    name: str
+    fan_in: int
+    fan_out: int
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a config builds, counted on the meta device."""
+
+    arch: str
+    params: int
+    """All parameters (tied weights once)."""
+    embedding: int
+    """Input embedding parameters."""
+    head: int
+    """Output head parameters not shared with the embedding (0 when tied)."""
+    linears: tuple[Linear, ...]
+    """Every Linear/Conv1D except the output head."""
+    tensors: int
+    """Number of parameter tensors."""
+    buffer_bytes: int
+    """Non-parameter tensors (rotary frequencies …), counted in fp32."""
+    dims: dict[str, int] = field(default_factory=dict)
+    """hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, gated (0/1)."""
+
+    @property
+    def linear_params(self) -> int:
+        return sum(lin.fan_in * lin.fan_out for lin in self.linears)
+
+    @property
+    def other(self) -> int:
+        """Norms, biases and anything else."""
+        return self.params - self.embedding - self.head - self.linear_params
+
+
+@dataclass
+class Estimate:
+    """Bytes at the peak of one training step, by part; ``total`` is their sum."""
+
+    setup: Setup
+    params: int
+    trainable: int
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    peak_at: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def _dim(cfg: Any, *names: str, default: int | None = None) -> int:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    if default is None:
+        raise LorakitError(f"model config ({type(cfg).__name__}) has none of {names}; cannot plan for it")
+    return default
+
+
+def inventory(config: Any) -> Inventory:
+    """Count parameters by kind and list the linear layers, from a transformers config alone.
+
+    Raises:
+        LorakitError: transformers cannot build the architecture.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.spectrum import module_type
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as err:
+        raise LorakitError(f"cannot build {type(config).__name__} from its config to count parameters: {err}") from err
+    params = {id(p): p for p in model.parameters()}
+    emb = model.get_input_embeddings().weight
+    out = getattr(model.get_output_embeddings(), "weight", None)
+    head = 0 if out is None or out is emb else out.numel()
+    linears: list[Linear] = []
+    for name, mod in model.named_modules():
+        if mod is model.get_output_embeddings():
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            fin, fout = mod.in_features, mod.out_features
+        elif isinstance(mod, Conv1D):
+            fin, fout = mod.weight.shape
+        else:
+            continue
+        kind = module_type(f"{name}.weight")
+        linears.append(Linear(name, int(fin), int(fout), kind[1] if kind else None))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = _dim(text, "hidden_size", "n_embd", "d_model")
+    heads = _dim(text, "num_attention_heads", "n_head")
+    dims = {"hidden": h, "layers": _dim(text, "num_hidden_layers", "n_layer"), "heads": heads,
+            "kv_heads": _dim(text, "num_key_value_heads", default=heads),
+            "head_dim": _dim(text, "head_dim", default=h // heads), "vocab": emb.shape[0],
+            "intermediate": _dim(text, "intermediate_size", "n_inner", default=4 * h),
+            "gated": int(any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears))}
+    buffers = 4 * sum(b.numel() for b in model.buffers())
+    return Inventory(type(model).__name__, sum(p.numel() for p in params.values()), emb.numel(), head,
+                     tuple(linears), len(params), buffers, dims)
+
+
+def _targeted(inv: Inventory, targets: str | tuple[str, ...]) -> list[Linear]:
+    if targets == "all-linear":
+        return list(inv.linears)
+    names = (targets,) if isinstance(targets, str) else targets
+    chosen = [lin for lin in inv.linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+    missing = [t for t in names if not any(lin.name == t or lin.name.endswith("." + t) for lin in inv.linears)]
+    if missing:
+        known = sorted({lin.name.rsplit(".", 1)[-1] for lin in inv.linears})
+        raise LorakitError(f"--targets: {', '.join(missing)} match no linear layer; this model has {', '.join(known)}")
+    return chosen
+
+
+def _spectrum_selection(inv: Inventory, top: float) -> list[Linear]:
+    # Which matrices win depends on the scan; how many per group does not (int(len·pct/100)).
+    from lorakit.spectrum import module_type
+
+    groups: dict[str, list[Linear]] = {}
+    for lin in inv.linears:
+        kind = module_type(f"{lin.name}.weight")
+        if kind is not None:
+            groups.setdefault(kind[0], []).append(lin)
+    # Worst case for activations: each type's picks start where the previous type's ended, so the
+    # selection touches as many distinct layers as it can.
+    chosen: list[Linear] = []
+    for j, members in enumerate(groups.values()):
+        k = int(len(members) * top / 100)
+        chosen += [members[(j * k + t) % len(members)] for t in range(k)]
+    return chosen
+
+
+def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: list[Linear]) -> tuple[int, int]:
+    """(bytes per token kept by all layers, bytes per token of the largest layer)."""
+    d, c = inv.dims, DTYPE_BYTES[s.dtype]
+    h, L, i = d["hidden"], d["layers"], d["intermediate"]
+    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    full = s.method == "full"
+    per_layer: dict[int, int] = {n: 0 for n in range(L)}
+    by_layer: dict[int, list[Linear]] = {}
+    for lin in inv.linears:
+        if lin.layer is not None:
+            by_layer.setdefault(lin.layer, []).append(lin)
+    adapted_names = {lin.name for lin in adapted}
+    for n in range(L):
+        lins = by_layer.get(n, [])
+        grads = {lin.name.rsplit(".", 1)[-1] for lin in lins if lin.name in trained or lin.name in adapted_names}
+        keeps_input = lambda *types: any(t in grads for t in types)  # noqa: E731
+        b = 2 * (4 * h + 4)                                  # both norms keep fp32 input + rsqrt
+        b += 2 * c * h if full else 0                        # normalised x, for the norm weight's gradient
+        b += c * h if keeps_input("q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "query_key_value") else 0
+        b += c * h if keeps_input("gate_proj", "up_proj", "c_fc", "fc1", "gate_up_proj", "dense_h_to_4h") else 0
+        b += c * (2 * q + 2 * kv) + 4 * d["heads"]           # SDPA keeps q, k, v, output, logsumexp
+        b += c * i * (3 if d["gated"] else 1)                # gate, act(gate), up  |  fc1 output
+        b += c * i if keeps_input("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2") else 0
+        for lin in (x for x in lins if x.name in adapted_names):
+            a = DTYPE_BYTES[s.adapter_dtype]
+            if s.dropout > 0 or a != c:
+                b += a * lin.fan_in                          # its own cast / dropped-out input
+            b += lin.fan_in if s.dropout > 0 else 0          # dropout mask (bool)
+            b += a * s.rank                                  # A x, kept for B's gradient
+            b += 2 * c * lin.fan_out if s.method == "dora" else 0  # W x and s·B A x for the magnitude
+        per_layer[n] = b
+    if s.method in ("lora", "qlora", "dora") or (s.method == "spectrum" and not s.spectrum_embeddings):
+        per_layer[0] -= 4 * h + 4                            # frozen embeddings: layer 0's input needs no grad
+    return sum(per_layer.values()), max(per_layer.values())
+
+
+def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None = None) -> Estimate:
+    """Plan the memory of one training step.
+
+    Args:
+        config: a transformers ``PretrainedConfig`` (``lorakit.models.load_config``).
+        setup: the training configuration (defaults: LoRA r=16, batch 1, seq 2048, bf16).
+        inv: a precomputed :func:`inventory` of ``config`` (saves rebuilding it).
+
+    Returns:
+        An :class:`Estimate` whose parts add up to the peak.
+    """
+    s = setup or Setup()
+    inv = inv or inventory(config)
+    c, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
+    d = inv.dims
+    h, V, L, tokens = d["hidden"], d["vocab"], d["layers"], s.batch * s.seq
+    adapted = _targeted(inv, s.targets) if s.method in ("lora", "qlora", "dora") else []
+    trained = {lin.name for lin in inv.linears} if s.method == "full" else set()
+    if s.method == "spectrum":
+        trained = {lin.name for lin in _spectrum_selection(inv, s.top)}
+    embeddings_train = s.method == "full" or (s.method == "spectrum" and s.spectrum_embeddings)
+
+    # Parameters: base weights, trainable part, adapters.
+    linear_params = inv.linear_params
+    if s.method == "qlora":
+        weights = sum(nf4_bytes(lin.fan_in * lin.fan_out) for lin in inv.linears) + c * (inv.params - linear_params)
+    else:
+        weights = c * inv.params
+    weights += inv.buffer_bytes
+    trainable = inv.params if s.method == "full" else 0
+    if s.method == "spectrum":
+        trainable = sum(lin.fan_in * lin.fan_out for lin in inv.linears if lin.name in trained)
+        trainable += (inv.embedding + inv.head) if embeddings_train else 0
+    n_tensors = inv.tensors if s.method == "full" else len(trained) + (1 + (inv.head > 0)) * embeddings_train
+    adapter_params = sum(s.rank * (lin.fan_in + lin.fan_out) + (lin.fan_out if s.method == "dora" else 0)
+                         for lin in adapted)
+    adapters = a * adapter_params
+    n_tensors += len(adapted) * (3 if s.method == "dora" else 2)
+    master = 4 * trainable if c != 4 else 0                          # fp32 copy of bf16 trainable weights
+    master += 4 * adapter_params if a != 4 else 0
+    optimizer = 8 * (trainable + adapter_params) + 4 * n_tensors + master  # AdamW m, v (fp32) + step
+    grads = c * trainable + a * adapter_params
+
+    # Activations and logits, per token.
+    layers_all, layer_max = _layer_activations(inv, s, trained, adapted)
+    final = 4 * h + 4                                                 # final norm: fp32 input + rsqrt
+    final += c * h if s.method == "full" else 0                       # normalised x (norm weight trains)
+    final += c * h if embeddings_train else 0                         # its output, for the head's gradient
+    rope = 2 * s.seq * d["head_dim"] * 4 // max(tokens, 1)           # cos/sin, shared by the batch
+    kept_layers = L * c * h if s.checkpointing else layers_all
+    saved = tokens * (kept_layers + final + 4 * V + rope)             # log-softmax output is kept (fp32)
+    logits_tmp = tokens * V * (8 + (c if c != 4 else 0))              # its gradient and the logits' gradient
+    dequant = 2 * max((lin.fan_in * lin.fan_out for lin in inv.linears), default=0) * c if s.method == "qlora" else 0
+    recompute = tokens * layer_max                                    # the first layer, recomputed or kept
+    held_grads = grads if s.grad_accum > 1 else 0
+    phase1 = saved + logits_tmp + held_grads
+    # Phase 2: backward of the first layer. Its (recomputed) activations and their gradients
+    # (≈ two intermediate-sized temporaries) coexist with every gradient except an untied
+    # embedding's, which comes last, when the layer's activations are gone.
+    late = c * inv.embedding if embeddings_train and inv.head > 0 else 0
+    temporaries = tokens * 2 * c * d["intermediate"]
+    phase2 = grads - late + recompute + temporaries + (tokens * L * c * h if s.checkpointing else 0)
+    if phase1 >= phase2:
+        act, logits, g, at = saved - tokens * 4 * V + dequant, tokens * 4 * V + logits_tmp, held_grads, "start of backward"
+    else:
+        act, logits, g, at = phase2 - (grads - late) + dequant, 0, grads - late, "end of backward"
+    return Estimate(s, inv.params, trainable + adapter_params, weights, adapters, g, optimizer, act, logits, at,
+                    detail={"gradients_total": grads, "master_fp32": master, "activations_saved": saved,
+                            "adapter_params": adapter_params, "trainable_base_params": trainable,
+                            "adapted_modules": len(adapted), "spectrum_matrices": len(trained) if s.method == "spectrum" else 0})
+
+
+def suggest(config: Any, setup: Setup, budget: int, *, inv: Inventory | None = None) -> list[tuple[str, Estimate]]:
+    """Changes that bring the peak under ``budget`` bytes, each with its new estimate.
+
+    Single changes first (smaller micro-batch with accumulation, checkpointing, QLoRA, shorter
+    sequences); when none fits alone, the cumulative combination that does, if any.
+    """
+    inv = inv or inventory(config)
+    found: list[tuple[str, Estimate]] = []
+
+    def attempt(label: str, **changes: Any) -> Estimate:
+        e = estimate(config, replace(setup, **changes), inv=inv)
+        if e.total <= budget:
+            found.append((label, e))
+        return e
+
+    b = setup.batch
+    while b > 1:
+        b = b // 2
+        accum = setup.grad_accum * math.ceil(setup.batch / b)
+        if attempt(f"--batch {b} with gradient accumulation {accum} (same effective batch)",
+                   batch=b, grad_accum=accum).total <= budget:
+            break
+    if not setup.checkpointing:
+        attempt("gradient checkpointing on", checkpointing=True)
+    if setup.method in ("full", "lora", "dora", "spectrum"):
+        attempt("--method qlora (4-bit NF4 base)", method="qlora")
+    if setup.method == "full":
+        attempt("--method lora", method="lora")
+    seq = setup.seq
+    while seq > 128:
+        seq //= 2
+        if attempt(f"--seq {seq} (shorter sequences)", seq=seq).total <= budget:
+            break
+    if not found:
+        combo = dict(checkpointing=True, method="qlora" if setup.method != "qlora" else "qlora", batch=1,
+                     grad_accum=setup.grad_accum * setup.batch)
+        label = "gradient checkpointing + --method qlora + --batch 1 with accumulation"
+        seq = setup.seq
+        while seq >= 128:
+            if attempt(label + (f" + --seq {seq}" if seq != setup.seq else ""), **combo, seq=seq).total <= budget:
+                break
+            seq //= 2
+    return found
