@@ -30,6 +30,7 @@ _LAZY = {
     "unmerge": "lorakit.merging",
     "merge_and_unload": "lorakit.merging",
     "unload": "lorakit.merging",
+    "quantize_model": "lorakit.adapters.quant",
 }
 
 __all__ = ["__version__", *_LAZY]

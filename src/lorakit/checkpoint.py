@@ -177,8 +177,6 @@ def load_adapter(
     if not folder.is_dir():
         raise LorakitError(f"adapter folder {folder} does not exist")
     config = LoraConfig.load(folder)
-    if config.use_dora:
-        raise LorakitError(f"{folder}: a DoRA adapter (use_dora: true); this version of lorakit loads plain LoRA")
     tensors, source = read_adapter_tensors(folder, allow_pickle=allow_pickle)
     config = dataclasses.replace(config, inference_mode=not trainable)
     try:

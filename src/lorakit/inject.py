@@ -84,6 +84,7 @@ def add_adapter(
         layer.add(name, AdapterOptions(
             r=config.rank_for(module_name), alpha=config.alpha_for(module_name), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
+            use_dora=config.use_dora,
         ))
     for module_name in _find_modules_to_save(model, config):
         wrapper = _get(model, module_name)

@@ -11,7 +11,6 @@ updates folded in; ``unload`` returns it without them.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lorakit.adapters.lora import LoraLayer
@@ -28,12 +27,9 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     layers = [layer for _, layer in named_adapter_layers(model) if isinstance(layer, LoraLayer)]
     names = active_adapters(model) if names is None else names
     for layer in layers:  # check all first: a bad adapter must not leave the model half merged
-        for name in names:
-            if name in layer.options and name not in layer.merged:
-                delta = layer.delta_weight(name)
-                bias = layer.delta_bias(name)
-                if not torch.isfinite(delta).all() or (bias is not None and not torch.isfinite(bias).all()):
-                    raise LorakitError(f"adapter {name!r} holds NaN or inf values; refusing to merge it")
+        todo = [n for n in names if n in layer.options and n not in layer.merged]
+        if todo:
+            layer.merged_weights(todo)
     _untie(model, [layer for layer in layers if any(n in layer.options and n not in layer.merged for n in names)])
     for layer in layers:
         layer.merge(names)

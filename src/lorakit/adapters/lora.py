@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters import dora, quant
 from lorakit.errors import LorakitError
 
 
@@ -48,6 +49,7 @@ class AdapterOptions:
     use_rslora: bool = False
     init: bool | str = True  # True/"kaiming", "gaussian", or False (B random: for tests)
     lora_bias: bool = False
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -85,6 +87,7 @@ class LoraLayer(nn.Module):
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self._move_parameters(name, weight.device, dtype)
+        self._after_add(name, options)
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's
 
     def delete(self, name: str) -> None:
@@ -116,6 +119,13 @@ class LoraLayer(nn.Module):
     def _init(self, name: str, init: bool | str) -> None:
         raise NotImplementedError
 
+    def _after_add(self, name: str, options: AdapterOptions) -> None:
+        """Hook for variants that derive state from the finished adapter (DoRA's magnitude)."""
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight in its own layout, fp32 (dequantised if stored in 4 bits)."""
+        return self.base_layer.weight.float()
+
     def _move_parameters(self, name: str, device: torch.device, dtype: torch.dtype) -> None:
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
@@ -137,31 +147,42 @@ class LoraLayer(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------
 
+    def merged_weights(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias (fp32, base layout) with ``names`` folded in; changes nothing.
+
+        Raises:
+            LorakitError: an update holds NaN/inf, or a ``lora_bias`` adapter meets a base
+                layer without a bias.
+        """
+        weight = self.dense_weight()
+        bias = None if getattr(self.base_layer, "bias", None) is None else self.base_layer.bias.float()
+        for name in names:
+            weight = self._merge_weight(name, weight)
+            delta_bias = self.delta_bias(name)
+            if delta_bias is not None:
+                if bias is None:
+                    raise LorakitError(
+                        f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into; "
+                        "keep it unmerged")
+                bias = bias + delta_bias
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise LorakitError(f"adapter(s) {', '.join(names)} hold NaN or inf values; refusing to merge")
+        return weight, bias
+
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weight. Idempotent.
 
-        Raises:
-            LorakitError: the update holds NaN/inf (nothing is changed), or a ``lora_bias``
-                adapter meets a base layer without a bias.
+        A 4-bit base is first replaced by a dense copy of its dequantised weight (with a warning):
+        a merged weight cannot be stored in NF4 without new rounding.
         """
         names = self.active if names is None else [n for n in names if n in self.options]
         todo = [n for n in names if n not in self.merged]
-        updates = []
-        for name in todo:  # compute and check everything before touching a weight
-            delta, bias = self.delta_weight(name), self.delta_bias(name)
-            if not torch.isfinite(delta).all() or (bias is not None and not torch.isfinite(bias).all()):
-                raise LorakitError(f"adapter {name!r} holds NaN or inf values; refusing to merge it")
-            if bias is not None and self.base_layer.bias is None:
-                raise LorakitError(
-                    f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into; "
-                    "keep it unmerged"
-                )
-            updates.append((name, delta, bias))
-        for name, delta, bias in updates:
-            _add_(self.base_weight, delta)
-            if bias is not None:
-                _add_(self.base_layer.bias, bias)
-            self.merged.append(name)
+        if not todo:
+            return
+        weight, bias = self.merged_weights(todo)  # computed and checked before anything changes
+        self._densify()
+        self._write(weight, bias)
+        self.merged.extend(todo)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight (newest first)."""
@@ -169,11 +190,26 @@ class LoraLayer(nn.Module):
             self._unmerge_one(self.merged[-1])
 
     def _unmerge_one(self, name: str) -> None:
-        _add_(self.base_weight, -self.delta_weight(name))
+        weight = self._unmerge_weight(name, self.dense_weight())
         bias = self.delta_bias(name)
-        if bias is not None:
-            _add_(self.base_layer.bias, -bias)
+        self._write(weight, None if bias is None else self.base_layer.bias.float() - bias)
         self.merged.remove(name)
+
+    def _merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight(name).to(weight.device)
+
+    def _unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(name).to(weight.device)
+
+    def _densify(self) -> None:
+        """Hook: replace a quantised base by a dense one before writing merged weights."""
+
+    def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        # In place so optimisers and tied weights keep pointing at the same tensor; cast back.
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
+            if bias is not None:
+                self.base_layer.bias.copy_(bias.to(self.base_layer.bias.dtype))
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -188,20 +224,32 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA over ``nn.Linear`` (W is out×in) or transformers ``Conv1D`` (W is in×out)."""
+    """LoRA over ``nn.Linear`` (W is out×in), transformers ``Conv1D`` (W is in×out) or a
+    bitsandbytes 4-bit ``Linear4bit`` (QLoRA: the frozen matmul runs through
+    :func:`lorakit.adapters.quant.nf4_linear`). DoRA adapters (``use_dora``) rescale the base
+    output per row (:mod:`lorakit.adapters.dora`)."""
 
-    adapter_attrs = ("lora_A", "lora_B", "lora_dropout")
+    adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # nn.Linear and Linear4bit (whose stored weight is packed) both say their sizes
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
+
+    @property
+    def quantized(self) -> bool:
+        return quant.is_quantized(self.base_layer)
 
     def _create(self, name: str, options: AdapterOptions) -> None:
+        if options.use_dora and options.lora_bias:
+            raise LorakitError("lora_bias cannot be combined with DoRA (use_dora), as in PEFT")
         self.lora_A[name] = nn.Linear(self.in_features, options.r, bias=False)
         self.lora_B[name] = nn.Linear(options.r, self.out_features, bias=options.lora_bias)
         self.lora_dropout[name] = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
@@ -220,6 +268,18 @@ class LoraLinear(LoraLayer):
         if B.bias is not None:
             nn.init.zeros_(B.bias)
 
+    def _after_add(self, name: str, options: AdapterOptions) -> None:
+        if options.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(dora.row_norm(self, name))
+
+    def dense_weight(self) -> torch.Tensor:
+        return quant.dequantize(self.base_layer) if self.quantized else self.base_layer.weight.float()
+
+    def _densify(self) -> None:
+        if self.quantized:
+            quant.warn_dequantized()
+            self.base_layer = quant.dense_copy(self.base_layer, torch.float32)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
         delta = (B @ A) * self.scaling[name]  # (out, in)
@@ -229,12 +289,46 @@ class LoraLinear(LoraLayer):
         bias = self.lora_B[name].bias
         return None if bias is None else bias.float() * self.scaling[name]
 
+    def _merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.merged_weight(self, name, weight)
+        return super()._merge_weight(name, weight)
+
+    def _unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.unmerged_weight(self, name, weight)
+        return super()._unmerge_weight(name, weight)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """The frozen layer's output (``x Wᵀ (+ b)``)."""
+        if self.quantized:
+            return quant.nf4_linear(x, self.base_layer, with_bias=with_bias)
+        if with_bias:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
+
+    def lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · B A dropout(x)`` in the adapter's dtype (fp32 over a half-precision base)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (…, r): the rank-r path stays small
+        return B(h) * self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._branch_names():
-            A, B = self.lora_A[name], self.lora_B[name]
-            h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (…, r): the rank-r path stays small
-            result = result + (B(h) * self.scaling[name]).to(result.dtype)
+        names = self._branch_names()
+        doras = [n for n in names if n in self.lora_magnitude_vector]
+        if not doras:
+            result = self.base_forward(x)
+        elif len(doras) == 1:
+            result = dora.forward(self, doras[0], x)
+        else:
+            raise LorakitError(f"DoRA adapters {doras} are active together; their magnitudes do not add — "
+                               "activate one DoRA adapter at a time (or merge one first)")
+        for name in names:
+            if name not in doras:
+                result = result + self.lora_branch(name, x).to(result.dtype)
         return result
 
 
@@ -251,6 +345,9 @@ class LoraEmbedding(LoraLayer):
     def _create(self, name: str, options: AdapterOptions) -> None:
         if options.lora_bias:
             raise LorakitError("lora_bias is not supported on embedding layers (PEFT does not save it either)")
+        if options.use_dora:
+            raise LorakitError("DoRA on embedding layers is not supported by lorakit; target linear layers, "
+                               "or use plain LoRA on the embedding")
         vocab, dim = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(options.r, vocab))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, options.r))
@@ -307,9 +404,3 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def _add_(param: torch.Tensor, delta: torch.Tensor) -> None:
-    # In place so optimisers and tied weights keep pointing at the same tensor; fp32 sum, cast back.
-    with torch.no_grad():
-        param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
