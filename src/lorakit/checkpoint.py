@@ -28,9 +28,12 @@ import torch
 from torch import nn
 
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
-from lorakit.adapters.lora import LoraLayer
+from lorakit.adapters import pissa
+from lorakit.adapters.lora import LoraLayer, LoraLinear
 from lorakit.errors import LorakitError
-from lorakit.inject import add_adapter, adapter_configs, bias_parameters, delete_adapter, set_active
+from lorakit.inject import (
+    add_adapter, adapter_configs, bias_parameters, delete_adapter, named_adapter_layers, set_active,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -92,6 +95,7 @@ def save_adapter(
     folder: str | Path,
     names: list[str] | None = None,
     base_model_name_or_path: str | None = None,
+    pissa_to_lora: bool = False,
 ) -> list[Path]:
     """Write adapters in PEFT's layout: ``default`` in ``folder``, others in ``folder/<name>``.
 
@@ -100,6 +104,8 @@ def save_adapter(
         folder: the output folder (created).
         names: which adapters (default: all).
         base_model_name_or_path: recorded in the config; defaults to the model's own name.
+        pissa_to_lora: write PiSSA adapters as plain LoRA adapters of rank 2r that work on the
+            original (untouched) base model, as PEFT's conversion does.
 
     Returns:
         The folders written.
@@ -119,11 +125,29 @@ def save_adapter(
         config = configs[name]
         base = base_model_name_or_path or config.base_model_name_or_path or model_name(model)
         tensors = adapter_state_dict(model, name)
+        config = dataclasses.replace(config, base_model_name_or_path=base)
+        if pissa_to_lora and pissa.is_pissa(config.init_lora_weights):
+            config = _pissa_as_lora(model, name, config, tensors)
         _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        text = dataclasses.replace(config, base_model_name_or_path=base).to_json()
+        text = config.to_json()
         _atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
         written.append(out)
     return written
+
+
+def _pissa_as_lora(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
+    """Replace a PiSSA adapter's A/B by the rank-2r LoRA of its change since init; same scaling."""
+    for module_name, layer in named_adapter_layers(model):
+        if isinstance(layer, LoraLinear) and name in layer.options:
+            A, B = pissa.to_lora(layer, name)
+            tensors[f"{PREFIX}{module_name}.lora_A.weight"] = A.contiguous()
+            tensors[f"{PREFIX}{module_name}.lora_B.weight"] = B.contiguous()
+    # Doubling r keeps s = alpha/r with alpha doubled, or s = alpha/√r with alpha × √2 (rsLoRA).
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()})
 
 
 def _atomic_write(target: Path, write) -> None:

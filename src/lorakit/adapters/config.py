@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,13 @@ class LoraConfig:
                 raise LorakitError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_CHOICES:
             raise LorakitError(f"bias must be one of {', '.join(_BIAS_CHOICES)}; got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES or (
-            # True == 1 in Python: refuse ints that only compare equal to the booleans.
-            not isinstance(self.init_lora_weights, (bool, str))
-        ):
+        init = self.init_lora_weights
+        # True == 1 in Python: refuse ints that only compare equal to the booleans.
+        pissa = isinstance(init, str) and re.fullmatch(r"pissa(_niter_\d+)?", init)
+        if not isinstance(init, (bool, str)) or (init not in _INIT_CHOICES and not pissa):
             raise LorakitError(
-                "init_lora_weights must be true, false, 'kaiming' or 'gaussian' "
-                f"(pissa arrives with the DoRA/QLoRA work); got {self.init_lora_weights!r}"
+                "init_lora_weights must be true, false, 'kaiming', 'gaussian', 'pissa' or "
+                f"'pissa_niter_<K>'; got {init!r}"
             )
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
@@ -199,8 +200,9 @@ class LoraConfig:
                     "implement; this adapter cannot be loaded faithfully"
                 )
         init = data.get("init_lora_weights", True)
-        if isinstance(init, str) and init not in _INIT_CHOICES:
-            # pissa/olora/loftq… only change the initial values; the saved tensors are what count.
+        if isinstance(init, str) and init not in _INIT_CHOICES and not init.startswith("pissa"):
+            # olora/loftq/eva… only change the initial values; the saved tensors are what count.
+            # (PiSSA also changes the base weight, so it is kept: loading redoes it, as PEFT does.)
             data = {**data, "init_lora_weights": True}
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
@@ -222,8 +224,6 @@ class LoraConfig:
 
 
 def _pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
-    import re
-
     for key in pattern:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key

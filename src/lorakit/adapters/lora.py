@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters import dora, quant
+from lorakit.adapters import dora, pissa, quant
 from lorakit.errors import LorakitError
 
 
@@ -257,6 +257,8 @@ class LoraLinear(LoraLayer):
     def _init(self, name: str, init: bool | str) -> None:
         if init is False:
             return  # nn.Linear's own init for A and B: a non-zero update (tests, experiments)
+        if pissa.is_pissa(init):
+            return pissa.init(self, name, init)
         A, B = self.lora_A[name], self.lora_B[name]
         if init in (True, "kaiming"):
             nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -348,6 +350,8 @@ class LoraEmbedding(LoraLayer):
         if options.use_dora:
             raise LorakitError("DoRA on embedding layers is not supported by lorakit; target linear layers, "
                                "or use plain LoRA on the embedding")
+        if pissa.is_pissa(options.init):
+            raise LorakitError("pissa initialisation applies to linear layers, not embeddings")
         vocab, dim = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(options.r, vocab))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, options.r))
