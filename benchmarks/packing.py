@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
     from lorakit.data import DataConfig, pad_token_id, tokenize_file
-    from lorakit.data.collate import collate  # "from lorakit.data import collate" yields the submodule
+    from lorakit.data import collate
     from lorakit.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -7,8 +7,7 @@ The PEFT-style names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) and the
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,7 +35,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -17,6 +17,10 @@ from lorakit.errors import LorakitError
 # name -> (module, one-line help). Keep sorted by the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lorakit.commands.data", "check a data file: format, counts, token lengths, answer masks"),
+    "train": ("lorakit.commands.train", "train an adapter from a YAML config (no config: the built-in quickstart)"),
+    "eval": ("lorakit.commands.eval", "measure adapters against the base: loss, generations, forgetting; report + chart"),
+    "merge": ("lorakit.commands.merge", "merge an adapter into its base: a standalone transformers model folder"),
+    "combine": ("lorakit.commands.combine", "one adapter from several (cat, linear, svd, ties, dare, magnitude_prune)"),
     "inspect": ("lorakit.commands.inspect", "what an adapter folder holds (ranks, targets, size, vLLM fit)"),
     "spectrum": ("lorakit.commands.spectrum", "rank weight matrices by signal-to-noise; select the best ones to train"),
     "estimate": ("lorakit.commands.estimate", "memory plan for a training run: does it fit, and what to change"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from lorakit.data.collate import block_diagonal_mask, collate_packed, collate_padded, num_label_tokens
+from lorakit.data.collation import block_diagonal_mask, collate_packed, collate_padded, num_label_tokens
 
 LENGTHS = (7, 12, 3, 9)
 

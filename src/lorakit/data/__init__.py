@@ -3,15 +3,14 @@
 Readers (JSONL, JSON, CSV, Parquet) -> formats (text, completion, alpaca, messages, sharegpt,
 tokens; detected per row) -> chat template rendering with exact answer-only labels ->
 truncation with counts -> train/eval split -> tokenisation cache -> padding-free packing or
-length-grouped padded batches. The batch format is documented in :mod:`lorakit.data.collate`.
+length-grouped padded batches. The batch format is documented in :mod:`lorakit.data.collation`.
 
 Names are imported lazily so ``import lorakit.data`` does not import torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit._lazy import lazy_exports
 
 _LAZY = {
     "DataConfig": "lorakit.data.config",
@@ -25,12 +24,12 @@ _LAZY = {
     "pad_token_id": "lorakit.data.pipeline",
     "plan_batches": "lorakit.data.batching",
     "padding_share": "lorakit.data.batching",
-    "collate": "lorakit.data.collate",
-    "collate_packed": "lorakit.data.collate",
-    "collate_padded": "lorakit.data.collate",
-    "block_diagonal_mask": "lorakit.data.collate",
-    "iter_batches": "lorakit.data.collate",
-    "num_label_tokens": "lorakit.data.collate",
+    "collate": "lorakit.data.collation",
+    "collate_packed": "lorakit.data.collation",
+    "collate_padded": "lorakit.data.collation",
+    "block_diagonal_mask": "lorakit.data.collation",
+    "iter_batches": "lorakit.data.collation",
+    "num_label_tokens": "lorakit.data.collation",
     "encode_chat": "lorakit.data.templates",
     "resolve_template": "lorakit.data.templates",
     "PLAIN_TEMPLATE": "lorakit.data.templates",
@@ -40,7 +39,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lorakit.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_exports(__name__, _LAZY)

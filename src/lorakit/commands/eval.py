@@ -1,0 +1,104 @@
+"""``lorakit eval --base M --adapter DIR [--adapter DIR …] --data FILE [--limit N] [--out DIR]``.
+
+Measures the base model and each adapter on the same file: answer loss and perplexity (the
+tokens training learns), greedy generations scored by exact/normalised match, contains, JSON
+validity (and a schema) or your own function, and the forgetting check on general English.
+Prints the table and writes ``report.md``, ``report.json``, ``examples.jsonl`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="M", help="base model: hub id, folder, .gguf file or alias")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="adapter folder to compare with the base; repeat for several")
+    parser.add_argument("--data", required=True, metavar="FILE", help="evaluation data (any lorakit data format)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
+    parser.add_argument("--out", default="eval-report", metavar="DIR",
+                        help="folder for report.md/json, examples.jsonl and report.png (default: eval-report)")
+    parser.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    parser.add_argument("--max-length", type=int, default=1024, help="truncate rows to this many tokens (default 1024)")
+    parser.add_argument("--chat-template", default="auto", metavar="T", help="'auto', 'plain', or a Jinja template")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="generation budget (default: longest reference + 50%% + 16, at most 512)")
+    parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    parser.add_argument("--metrics", metavar="LIST",
+                        help="comma-separated built-in metrics: exact_match, normalized_match, contains, json_valid "
+                             "(default: the first three, plus json_valid when the answers are JSON)")
+    parser.add_argument("--metric", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="your metric, called as FUNCTION(prediction, reference) -> number; FILE.py:FUNCTION "
+                             "works too; repeatable")
+    parser.add_argument("--json-schema", metavar="FILE", help="also score answers against this JSON schema")
+    parser.add_argument("--general", metavar="FILE",
+                        help="general text for the forgetting check (default: the bundled English sample)")
+    parser.add_argument("--general-limit", type=int, metavar="N", help="only the first N rows of the general text")
+    parser.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="compute dtype (default: bf16 on GPU, else fp32)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lorakit.checkpoint import load_adapter
+    from lorakit.errors import LorakitError
+    from lorakit.evaluate.comparison import GENERAL_ENGLISH, compare
+    from lorakit.evaluate.core import EvalConfig
+    from lorakit.evaluate.metrics import load_schema, load_user_metric
+    from lorakit.evaluate.report import table, write_reports
+    from lorakit.models import load_model, load_tokenizer
+
+    if not Path(args.data).is_file():
+        raise LorakitError(f"--data {args.data}: no such file")
+    sources = _adapter_names(args.adapter)
+    for spec in args.metric:  # fail before loading any model
+        load_user_metric(spec)
+    config = EvalConfig(batch_size=args.batch_size, max_length=args.max_length, format=args.format,
+                        chat_template=args.chat_template, limit=args.limit, generate=not args.no_generate,
+                        max_new_tokens=args.max_new_tokens,
+                        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+                        user_metrics=list(args.metric),
+                        json_schema=load_schema(args.json_schema) if args.json_schema else None)
+    general = None if args.no_forgetting else (args.general or GENERAL_ENGLISH)
+    if general is not None and not Path(general).is_file():
+        raise LorakitError(f"--general {general}: no such file")
+    tokenizer = load_tokenizer(args.base)
+    model = load_model(args.base, dtype=args.dtype, device=args.device)
+    for name, folder in sources.items():
+        load_adapter(model, folder, name=name, activate=False)
+    report = compare(model, tokenizer, list(sources), args.data, config, general=general,
+                     general_limit=args.general_limit, sources=sources, show_progress=not args.quiet)
+    written = write_reports(report, args.out)
+    print(table(report))
+    print(f"\nreports: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _adapter_names(specs: list[str]) -> dict[str, str]:
+    """``[NAME=]DIR`` -> {name: folder}; names default to the folder's name, made unique."""
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+    from lorakit.inject import check_adapter_name
+
+    found: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep:
+            folder = spec
+            base = "".join(c if c.isalnum() or c in "_-" else "_" for c in Path(spec.rstrip("/")).name)[:60] or "adapter"
+            name, n = base, 2
+            while name in found or name == "base":
+                name, n = f"{base}-{n}", n + 1
+        check_adapter_name(name)
+        if name in found or name == "base":
+            raise LorakitError(f"adapter name {name!r} is used twice (or is 'base'); give NAME=DIR")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise LorakitError(f"--adapter {folder}: no adapter_config.json; not an adapter folder")
+        found[name] = folder
+    return found

@@ -1,0 +1,384 @@
+"""The training run: config -> model + adapter + data -> steps -> checkpoints -> PEFT adapter.
+
+Notable:
+
+- The batch plan of each epoch is a pure function of (row lengths, ``data.seed``, epoch), so the
+  position "epoch e, batch b" plus the RNG state, AdamW's moments and the step number is all a
+  checkpoint needs for a resumed run to be bit-identical to an uninterrupted one.
+- The learning rate is a pure function of the step (:func:`lr_at`), set on every step: no
+  scheduler object whose state could drift.
+- Gradient accumulation weighs each micro-batch by its share of the step's answer tokens, so
+  the step's loss is the mean over all of them, as if it had been one big batch.
+- Ctrl-C sets a flag; the run finishes the current step, saves a checkpoint and returns (a
+  second Ctrl-C interrupts at once; the checkpoint then holds the last completed step).
+- A NaN/inf loss or gradient norm stops the run before the optimizer step, so no bad update is
+  ever applied or saved; the error names the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.train import checkpoints as ckpt
+from lorakit.train.config import RunConfig, TrainConfig, save_config
+from lorakit.train.progress import MetricsLog, Progress, Reporters, write_plots
+
+Callback = Callable[[str, "Run"], None]
+"""Called as ``callback(event, run)`` with event ``step_start``, ``step_end`` or ``eval``."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended and where its outputs are."""
+
+    output: Path
+    adapter: Path | None
+    """The final PEFT adapter folder (the best one when evaluating with ``keep_best``)."""
+    stopped: str
+    """``completed``, ``early_stopping`` or ``interrupted``."""
+    step: int
+    train_loss: float | None
+    eval_loss: float | None
+    best_step: int | None
+    checkpoint: Path | None
+    """The latest checkpoint written."""
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up, then decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 1.0
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+class Run:
+    """One training run's live objects; :func:`train` drives it."""
+
+    def __init__(self, config: RunConfig, model: torch.nn.Module, tokenizer: Any, splits: Any,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        from lorakit.data.batching import plan_batches
+        from lorakit.data.pipeline import pad_token_id
+
+        self.config, self.cfg = config, config.train
+        self.model, self.tokenizer, self.splits = model, tokenizer, splits
+        self.device, self.dtype = device, dtype
+        self.pad = pad_token_id(tokenizer)
+        self.output = Path(config.output)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                           fused=fused or None)
+        data = config.data
+        self._plan = lambda epoch: plan_batches(splits.train.lengths, packing=data.packing,
+                                                batch_size=self.cfg.batch_size, max_length=data.max_length,
+                                                seed=data.seed, epoch=epoch, group_by_length=data.group_by_length)
+        self.batches_per_epoch = len(self._plan(0))
+        if self.batches_per_epoch == 0:
+            raise LorakitError(f"{data.train}: no training rows")
+        # Packed plans may differ by a bin from epoch to epoch: count each epoch's steps.
+        self.total = self.cfg.max_steps or sum(math.ceil(len(self._plan(e)) / self.cfg.grad_accum)
+                                               for e in range(self.cfg.epochs))
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+        self.state = ckpt.TrainerState(config=config.to_dict())
+        self.stop_requested = False
+        self.last_checkpoint: Path | None = None
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def next_batches(self) -> list[list[int]]:
+        """The row indices of the next step's micro-batches; advances the data position."""
+        if self._cached[0] != self.state.epoch:  # plans are pure functions of the epoch: compute once each
+            self._cached = (self.state.epoch, self._plan(self.state.epoch))
+        plan = self._cached[1]
+        chosen = plan[self.state.batch:self.state.batch + self.cfg.grad_accum]
+        self.state.batch += len(chosen)
+        if self.state.batch >= len(plan):
+            self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+        return chosen
+
+    def step(self, groups: list[list[int]]) -> tuple[float, float, int]:
+        """Forward, backward and update on one step's micro-batches -> (loss, grad norm, tokens)."""
+        from lorakit.data.collation import collate, num_label_tokens
+
+        batches = [collate(self.splits.train, g, packing=self.config.data.packing, pad_token_id=self.pad)
+                   for g in groups]
+        targets = sum(num_label_tokens(b) for b in batches)  # answer tokens of the whole step
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for batch in batches:
+            n = num_label_tokens(batch)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if n == 0:
+                continue
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                loss = self.model(**batch, use_cache=False).loss * (n / targets)  # mean over the step's targets
+            loss.backward()
+            loss_sum += loss.detach().float()
+        loss_value = float(loss_sum)
+        norm = self.grad_norm()
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFinite(loss_value, norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.state.step, self.total, self.cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm, tokens
+
+    def grad_norm(self) -> float:
+        grads = [p for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        if self.cfg.max_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- evaluation and checkpoints -----------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the answer tokens of the eval rows (None without eval data)."""
+        if self.splits.eval is None or len(self.splits.eval) == 0:
+            return None
+        self.model.eval()
+        try:
+            return answer_loss(self.model, self.splits.eval, self.config, self.pad, self.autocast)
+        finally:
+            self.model.train()
+
+    def save(self, rng: dict[str, torch.Tensor] | None = None) -> Path:
+        folder = self.output / "checkpoints"
+        self.last_checkpoint = ckpt.save_checkpoint(folder, self.model, self.optimizer, self.state, rng)
+        ckpt.prune(folder, self.cfg.keep_checkpoints, self.state.best_step)
+        return self.last_checkpoint
+
+
+class NonFinite(Exception):
+    """The loss or the gradient norm of a step is NaN or infinite."""
+
+    def __init__(self, loss: float, norm: float) -> None:
+        super().__init__(f"loss {loss}, gradient norm {norm}")
+        self.loss, self.norm = loss, norm
+
+
+def answer_loss(model: torch.nn.Module, dataset: Any, config: RunConfig, pad: int, autocast=nullcontext) -> float:
+    """Mean cross-entropy over the answer tokens of ``dataset`` (batches in file order)."""
+    from lorakit.data.batching import plan_batches
+    from lorakit.data.collation import collate, num_label_tokens
+
+    device = next(model.parameters()).device
+    plan = plan_batches(dataset.lengths, packing=config.data.packing, batch_size=config.train.batch_size,
+                        max_length=config.data.max_length, shuffle=False)
+    total, count = 0.0, 0
+    for indices in plan:
+        batch = collate(dataset, indices, packing=config.data.packing, pad_token_id=pad)
+        n = num_label_tokens(batch)
+        if n == 0:
+            continue
+        with autocast():
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+        total += float(loss) * n
+        count += n
+    return total / count if count else float("nan")
+
+
+def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: bool = False) -> RunResult:
+    """Train the adapter that ``config`` describes; see the module docstring.
+
+    Args:
+        config: the validated run config.
+        callbacks: called at ``step_start``, ``step_end`` and ``eval`` with the :class:`Run`.
+        quiet: no progress output (metrics are still written).
+
+    Returns:
+        How the run ended and where the adapter is.
+
+    Raises:
+        LorakitError: bad config or data, a resume that does not fit, or a NaN/inf loss.
+    """
+    from lorakit.train.setup import build_run
+
+    run, resume_from = build_run(config, quiet=quiet)
+    out = _Sinks(MetricsLog(run.output / "metrics.jsonl", resume_step=run.state.step if resume_from else None),
+                 Reporters(run.cfg.report_to, run.output, config.to_dict()),
+                 Progress(run.total, run.state.step, run.cfg.log_every, quiet))
+    if resume_from:
+        out.progress.message(f"resumed from {resume_from} at step {run.state.step}")
+    stopped, train_loss, eval_loss = "completed", None, None
+    began = time.perf_counter() - run.state.elapsed_s
+    try:
+        with _sigint_flag(run):
+            run.model.train()
+            while run.state.step < run.total and stopped == "completed":
+                rng = ckpt.rng_state()  # the state a checkpoint of "before this step" must hold
+                position = (run.state.epoch, run.state.batch)
+                try:
+                    for cb in callbacks or []:
+                        cb("step_start", run)
+                    train_loss, norm, tokens = run.step(run.next_batches())
+                except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback
+                    run.state.epoch, run.state.batch = position
+                    run.optimizer.zero_grad(set_to_none=True)
+                    run.state.elapsed_s = time.perf_counter() - began
+                    run.save(rng)
+                    stopped = "interrupted"
+                    break
+                except NonFinite as bad:
+                    raise _nan_error(run, bad) from None
+                run.state.step += 1
+                run.state.tokens += tokens
+                run.state.elapsed_s = time.perf_counter() - began
+                _record_step(run, train_loss, norm, out)
+                for cb in callbacks or []:
+                    cb("step_end", run)
+                step, done = run.state.step, run.state.step == run.total
+                improved = False
+                if (run.cfg.eval_every and step % run.cfg.eval_every == 0) or done:
+                    eval_loss = _evaluate(run, out, callbacks)
+                    improved = eval_loss is not None and run.state.best_step == step
+                    if _patience_exhausted(run):
+                        out.progress.message(f"early stopping at step {step}: no better eval loss in "
+                                             f"{run.cfg.early_stopping_patience} evaluations")
+                        stopped = "early_stopping"
+                if run.stop_requested:
+                    stopped = "interrupted"
+                if done or improved or stopped != "completed" or (run.cfg.save_every and step % run.cfg.save_every == 0):
+                    run.save()
+    finally:
+        out.close()
+    adapter = None
+    if stopped != "interrupted":
+        adapter = _final_adapter(run)
+        if run.cfg.plots:
+            write_plots(run.output / "metrics.jsonl", run.output)
+    return RunResult(run.output, adapter, stopped, run.state.step, train_loss, eval_loss, run.state.best_step,
+                     run.last_checkpoint)
+
+
+@dataclass
+class _Sinks:
+    """Where a run's numbers go."""
+
+    metrics: MetricsLog
+    reporters: Reporters
+    progress: Progress
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self.metrics.write(row)
+        self.reporters.log(row, step)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+        self.reporters.close()
+
+
+def _record_step(run: Run, loss: float, norm: float, out: _Sinks) -> None:
+    state = run.state
+    lr = lr_at(state.step - 1, run.total, run.cfg)
+    tokens_per_s = state.tokens / max(state.elapsed_s, 1e-9)
+    if state.step % run.cfg.log_every == 0 or state.step == run.total:
+        out.log({"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4),
+                 "loss": loss, "lr": lr, "grad_norm": norm, "tokens": state.tokens, "tokens_per_s": tokens_per_s,
+                 "elapsed_s": round(state.elapsed_s, 3)}, state.step)
+    out.progress.update(state.step, loss, lr, tokens_per_s)
+
+
+def _evaluate(run: Run, out: _Sinks, callbacks: list[Callback] | None) -> float | None:
+    value = run.evaluate()
+    if value is None:
+        return None
+    out.log({"step": run.state.step, "eval_loss": value}, run.state.step)
+    state = run.state
+    if state.best_eval_loss is None or value < state.best_eval_loss:
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = value, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+    out.progress.message(f"step {state.step}: eval loss {value:.4f} "
+                         f"(best {state.best_eval_loss:.4f} at step {state.best_step})")
+    for cb in callbacks or []:
+        cb("eval", run)
+    return value
+
+
+def _patience_exhausted(run: Run) -> bool:
+    patience = run.cfg.early_stopping_patience
+    return patience is not None and run.state.evals_without_improvement >= patience
+
+
+def _final_adapter(run: Run) -> Path:
+    """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one."""
+    from lorakit.checkpoint import save_adapter
+
+    target = run.output / "adapter"
+    best = run.state.best_step
+    source = run.output / "checkpoints" / f"step-{best:06d}" if best is not None else None
+    if run.cfg.keep_best and source is not None and best != run.state.step and source.is_dir():
+        tmp = run.output / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(source / name, tmp / name)
+    else:
+        tmp = run.output / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(run.model, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _nan_error(run: Run, bad: NonFinite) -> LorakitError:
+    step = run.state.step + 1
+    what = "loss" if not math.isfinite(bad.loss) else "gradient norm"
+    value = bad.loss if what == "loss" else bad.norm
+    last = ckpt.list_checkpoints(run.output / "checkpoints")
+    keep = (f"the last good checkpoint is {last[-1]} (resume=PATH continues from it)" if last
+            else "no checkpoint had been written yet")
+    return LorakitError(f"step {step}: the {what} is {value}; training stopped before applying the update; "
+                        f"{keep}. Lower train.lr, check the data, or use train.dtype: fp32")
+
+
+@contextmanager
+def _sigint_flag(run: Run):
+    """First Ctrl-C: finish the step, save, stop. Second: KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,120 @@
+"""Everything before the first step: device, data, model, adapter, and the state to resume from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.train import checkpoints as ckpt
+from lorakit.train.config import RunConfig, save_config
+from lorakit.train.loop import Run
+
+# Sections whose change makes a checkpoint unusable, and the keys that may change on resume.
+_MUST_MATCH = ("model", "adapter")
+_MAY_CHANGE = {"output", "resume"}
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` -> cuda when available, else mps, else cpu; a named device must exist."""
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("train.device: cuda was asked for but no CUDA GPU is available (use auto or cpu)")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on a GPU that supports it, else fp32."""
+    from lorakit.models import default_dtype
+
+    if setting == "auto":
+        return default_dtype(device)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]:
+    """Load tokenizer, data and model, add (or restore) the adapter, build the optimizer.
+
+    Returns:
+        The :class:`Run` and the checkpoint it resumes from (None for a fresh run).
+    """
+    from lorakit.data.pipeline import load_data
+    from lorakit.inject import add_adapter, trainable_parameters
+    from lorakit.models import load_model, load_tokenizer
+
+    from lorakit.train.progress import check_reporters
+
+    say = (lambda *a: None) if quiet else print
+    config.adapter.check_available()
+    check_reporters(config.train.report_to)
+    output = Path(config.output)
+    resume_from = ckpt.find_resume(config.resume, output) if config.resume else None
+    if config.resume == "auto" and resume_from is None:
+        say(f"resume: auto: no checkpoint in {output / 'checkpoints'}, starting a new run")
+    elif resume_from is None and ckpt.list_checkpoints(output / "checkpoints"):
+        raise LorakitError(f"{output} already holds checkpoints of a run; continue it with resume=auto "
+                           f"(--resume auto), or choose another output folder")
+    device = resolve_device(config.train.device)
+    dtype = resolve_dtype(config.train.dtype, device)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(config, output / "config.yaml")
+
+    tokenizer = load_tokenizer(config.model)
+    splits = load_data(config.data, tokenizer)
+    for report in splits.reports:
+        for line in report.summary():
+            say(line)
+    model = load_model(config.model, dtype=dtype, device=device)
+    if config.adapter.quantized:
+        from lorakit.adapters.quant import quantize_model
+
+        quantize_model(model, compute_dtype=dtype)
+    torch.manual_seed(config.train.seed)
+    if resume_from is not None:
+        _check_compatible(config, resume_from)
+        from lorakit.checkpoint import load_adapter
+
+        load_adapter(model, resume_from, trainable=True)
+    else:
+        add_adapter(model, config.adapter.to_lora_config(base_model=config.model))
+    if config.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input gradients, so it works with a frozen base.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run = Run(config, model, tokenizer, splits, device, dtype)
+    if resume_from is not None:
+        state, rng = ckpt.load_checkpoint(resume_from, run.optimizer)
+        state.config = config.to_dict()
+        run.state = state
+        ckpt.set_rng_state(rng)
+        if state.step >= run.total:
+            say(f"the checkpoint is at step {state.step} of {run.total}: nothing left to train")
+    trainable, total = trainable_parameters(model)
+    eval_rows = len(splits.eval) if splits.eval is not None else 0
+    say(f"{config.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
+        f"{len(splits.train):,} train rows, {eval_rows:,} eval rows; {run.total} steps on {device} ({dtype})")
+    return run, resume_from
+
+
+def _check_compatible(config: RunConfig, checkpoint: Path) -> None:
+    import json
+
+    saved = json.loads((checkpoint / ckpt.STATE_FILE).read_text()).get("config", {})
+    now = config.to_dict()
+    for section in _MUST_MATCH:
+        if section in saved and saved[section] != now[section]:
+            raise LorakitError(f"resume: {checkpoint} was trained with {section} = {saved[section]!r}, this config "
+                               f"has {now[section]!r}; resume with the same {section}, or start a new run")
+    changed = [f"{s}.{k}" for s in ("data", "train") if isinstance(saved.get(s), dict)
+               for k in now[s] if saved[s].get(k) != now[s][k]]
+    if changed:
+        print(f"resume: settings changed since the checkpoint ({', '.join(changed)}); the run continues, "
+              "but is no longer an exact continuation")
