@@ -11,25 +11,10 @@ import torch
 import transformers as tf
 
 from conftest import ARCHITECTURES, tiny_config
+from memory_probe import peak_allocated
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.estimate import GIB, Setup, estimate, inventory, nf4_bytes, parse_size, suggest
-
-
-def peak_allocated(prof) -> int:
-    """Peak bytes the CPU allocator held during a profile, above what was live before it."""
-    from torch._C._profiler import _EventType
-
-    events: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    live = np.cumsum([size for _, size in sorted(events)])
-    assert len(live), "the profiler recorded no allocations"
-    return int(live.max())
 
 
 def measured_step(config, s: Setup) -> dict[str, int]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from memory_probe import peak_allocated
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.spectrum import (CONFIG_NAME, WEIGHTS_NAME, MatrixSnr, freeze_for_spectrum, load_spectrum, module_type,
@@ -49,22 +50,6 @@ def mp_singular_value_quantiles(m: int, n: int, qs: list[float]) -> list[float]:
     cdf = np.concatenate([[0.0], np.cumsum((dens[1:] + dens[:-1]) / 2 * np.diff(lam))])
     cdf /= cdf[-1]
     return [math.sqrt(n * float(np.interp(q, cdf, lam))) for q in qs]
-
-
-def peak_allocated(prof) -> int:
-    """Peak bytes the CPU allocator held during a profile, above what was live before it."""
-    from torch._C._profiler import _EventType
-
-    events: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    live = np.cumsum([size for _, size in sorted(events)])
-    assert len(live), "the profiler recorded no allocations"
-    return int(live.max())
 
 
 # ----------------------------------------------------------------------------- the math

@@ -19,16 +19,15 @@ was.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.adapters.config import CONFIG_NAME, LoraConfig
+from lorakit._fs import atomic_write
 from lorakit.adapters import pissa
+from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraLayer, LoraLinear
 from lorakit.errors import LorakitError
 from lorakit.inject import (
@@ -128,9 +127,9 @@ def save_adapter(
         config = dataclasses.replace(config, base_model_name_or_path=base)
         if pissa_to_lora and pissa.is_pissa(config.init_lora_weights):
             config = _pissa_as_lora(model, name, config, tensors)
-        _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         text = config.to_json()
-        _atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
         written.append(out)
     return written
 
@@ -148,19 +147,6 @@ def _pissa_as_lora(model: nn.Module, name: str, config: LoraConfig, tensors: dic
         config, r=2 * config.r, lora_alpha=config.lora_alpha * factor, init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()})
-
-
-def _atomic_write(target: Path, write) -> None:
-    # Write beside the target, then rename: a crash never leaves a half-written file in its place.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an adapter is an ordinary, shareable file
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def model_name(model: nn.Module) -> str | None:

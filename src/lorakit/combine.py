@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit._fs import replace_folder
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraEmbedding, LoraLinear
 from lorakit.errors import LorakitError
@@ -486,17 +487,7 @@ def combine_folders(folders: Sequence[str | Path], out: str | Path, weights: Seq
         save_file(result.file_tensors(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(result.config.to_json())
         os.chmod(tmp, 0o755)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)

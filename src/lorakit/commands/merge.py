@@ -137,6 +137,7 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
 
 def _save(model: Any, tokenizer: Any, out: Path, max_shard_size: str | int, info: dict) -> None:
     from lorakit import __version__
+    from lorakit._fs import replace_folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -145,13 +146,7 @@ def _save(model: Any, tokenizer: Any, out: Path, max_shard_size: str | int, info
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_NAME).write_text(json.dumps({**info, "lorakit_version": __version__}, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
