@@ -165,9 +165,12 @@ class Run:
         """Mean loss over the answer tokens of the eval rows (None without eval data)."""
         if self.splits.eval is None or len(self.splits.eval) == 0:
             return None
+        from lorakit.evaluate.core import answer_loss  # the same measure `lorakit eval` reports
+
         self.model.eval()
         try:
-            return answer_loss(self.model, self.splits.eval, self.config, self.pad, self.autocast)
+            with self.autocast():
+                return answer_loss(self.model, self.splits.eval, self.pad, self.cfg.batch_size)["loss"]
         finally:
             self.model.train()
 
@@ -184,27 +187,6 @@ class NonFinite(Exception):
     def __init__(self, loss: float, norm: float) -> None:
         super().__init__(f"loss {loss}, gradient norm {norm}")
         self.loss, self.norm = loss, norm
-
-
-def answer_loss(model: torch.nn.Module, dataset: Any, config: RunConfig, pad: int, autocast=nullcontext) -> float:
-    """Mean cross-entropy over the answer tokens of ``dataset`` (batches in file order)."""
-    from lorakit.data.batching import plan_batches
-    from lorakit.data.collation import collate, num_label_tokens
-
-    device = next(model.parameters()).device
-    plan = plan_batches(dataset.lengths, packing=config.data.packing, batch_size=config.train.batch_size,
-                        max_length=config.data.max_length, shuffle=False)
-    total, count = 0.0, 0
-    for indices in plan:
-        batch = collate(dataset, indices, packing=config.data.packing, pad_token_id=pad)
-        n = num_label_tokens(batch)
-        if n == 0:
-            continue
-        with autocast():
-            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
-        total += float(loss) * n
-        count += n
-    return total / count if count else float("nan")
 
 
 def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: bool = False) -> RunResult:

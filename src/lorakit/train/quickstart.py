@@ -79,10 +79,10 @@ def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> i
 def measure(model: torch.nn.Module, tokenizer: Any, eval_rows: Any, examples: list[dict], config: Any) -> dict:
     """Eval loss on answer tokens, the share of well-formed JSON answers, and the generations."""
     from lorakit.data.pipeline import pad_token_id
-    from lorakit.train.loop import answer_loss
+    from lorakit.evaluate.core import answer_loss
 
     model.eval()
-    loss = answer_loss(model, eval_rows, config, pad_token_id(tokenizer))
+    loss = answer_loss(model, eval_rows, pad_token_id(tokenizer), config.train.batch_size)["loss"]
     questions = [ex["messages"][:-1] for ex in examples]
     answers = generate(model, tokenizer, questions)
     words = [json.loads(ex["messages"][-1]["content"])["word"] for ex in examples]
