@@ -1,0 +1,327 @@
+"""The adapter registry: PEFT-format adapters, a host copy of each, and N resident slots with an LRU.
+
+Two levels, as in S-LoRA and LoRAX:
+
+- **known** adapters (:meth:`AdapterRegistry.add`): read from a PEFT folder, checked against the
+  model (every module, shape and rank), kept in host memory with the scaling folded into B;
+- **resident** adapters: at most ``max_resident``, written into preallocated per-layer slots of
+  the :class:`~lorakit.serve.layers.BatchedLoraLinear` layers that replace the model's target
+  modules (in place, by name). A request pins its adapter's slot while it runs; a new adapter
+  takes a free slot or evicts the least recently used unpinned one.
+
+Thread safety: every public method takes one lock. Slots are only written by :meth:`acquire`, which
+the engine calls from its own loop between forwards, so a forward never reads a half-written slot.
+Removing an adapter that running requests still use takes it off the known list at once (new
+requests fail) and frees its slot when the last of them finishes.
+
+Refused with a clear message (never served wrongly): DoRA (``use_dora``), ``lora_bias``,
+``modules_to_save``, embedding LoRA, modules outside the engine's targets, ranks above
+``max_rank``, NaN/inf weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.lora import is_conv1d
+from lorakit.checkpoint import PREFIX, read_adapter_tensors
+from lorakit.errors import LorakitError
+from lorakit.inject import check_adapter_name, find_targets, set_submodule
+from lorakit.serve.layers import NO_ADAPTER, BatchedLoraLinear, SlotContext
+
+
+class AdapterNotFoundError(LorakitError):
+    """A request or call named an adapter the registry does not know (HTTP: 404 model_not_found)."""
+
+    code = "model_not_found"
+
+
+class AdapterSlotsBusyError(LorakitError):
+    """Every resident slot is pinned by running requests; retry when one finishes (HTTP: 429)."""
+
+    code = "adapter_slots_busy"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the registry knows of one adapter."""
+
+    name: str
+    path: str
+    rank: int  # the largest rank over its modules
+    modules: int  # how many modules it adapts
+    resident: bool = False
+
+
+@dataclass
+class _HostAdapter:
+    info: AdapterInfo
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, scaling)
+
+
+class AdapterRegistry:
+    """Known adapters, resident slots and the LRU, for one base model.
+
+    Args:
+        model: the base model; its target modules are replaced in place by batched layers.
+        max_resident: slots per layer (adapters resident at once).
+        max_rank: the largest rank an adapter may have (vLLM's ``--max-lora-rank``).
+        target_modules: which modules can carry adapters (names, regex or ``all-linear``).
+        dtype: the slots' dtype (default: the base weights').
+    """
+
+    def __init__(self, model: nn.Module, max_resident: int = 8, max_rank: int = 16,
+                 target_modules: list[str] | str = "all-linear", dtype: torch.dtype | None = None) -> None:
+        if max_resident < 1 or max_rank < 1:
+            raise LorakitError(f"max_resident and max_rank must be >= 1, got {max_resident}, {max_rank}")
+        self.model = model
+        self.max_resident, self.max_rank = max_resident, max_rank
+        self.context = SlotContext()
+        self.layers = self._install(model, target_modules, dtype)
+        self._known: dict[str, _HostAdapter] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident, least recently used first
+        self._slot_name: list[str | None] = [None] * max_resident
+        self._slot_rank: list[int] = [0] * max_resident
+        self._pins: list[int] = [0] * max_resident
+        self._lock = threading.RLock()
+
+    def _install(self, model: nn.Module, targets: list[str] | str, dtype: torch.dtype | None) -> dict[str, BatchedLoraLinear]:
+        names = find_targets(model, LoraConfig(target_modules=targets), strict=True)
+        layers = {}
+        for name in names:
+            base = model.get_submodule(name)
+            if isinstance(base, BatchedLoraLinear):
+                raise LorakitError(f"module {name} already serves adapters; build one registry per model")
+            if isinstance(base, nn.Linear):
+                in_f, out_f = base.in_features, base.out_features
+            elif is_conv1d(base):
+                in_f, out_f = base.weight.shape
+            else:
+                raise LorakitError(f"module {name} is a {type(base).__name__}; the engine serves LoRA on "
+                                   "linear layers only (embedding LoRA is not served)")
+            layer = BatchedLoraLinear(base, self.max_resident, self.max_rank, self.context, in_f, out_f,
+                                      dtype or base.weight.dtype)
+            set_submodule(model, name, layer)
+            layers[name] = layer
+        return layers
+
+    # -- known adapters ----------------------------------------------------------------------
+
+    def add(self, name: str, folder: str | Path, replace: bool = False) -> AdapterInfo:
+        """Read the PEFT adapter in ``folder`` and register it as ``name`` (not yet resident).
+
+        Args:
+            name: the name requests use.
+            folder: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+            replace: allow replacing a known adapter of the same name (its slot is refreshed
+                once no running request uses it).
+
+        Raises:
+            LorakitError: the folder is not a servable adapter for this model; the message says why.
+        """
+        check_adapter_name(name)
+        adapter = self._read(name, Path(folder))  # slow part outside the lock
+        with self._lock:
+            if name in self._known and not replace:
+                raise LorakitError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
+            if name in self._known:
+                self._forget(name)
+            self._known[name] = adapter
+        return adapter.info
+
+    def remove(self, name: str) -> None:
+        """Forget adapter ``name``: new requests for it fail; its slot frees when unused.
+
+        Raises:
+            AdapterNotFoundError: no adapter of that name.
+        """
+        with self._lock:
+            if name not in self._known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (loaded: {', '.join(self._known) or 'none'})")
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        del self._known[name]
+        slot = self._slot_of.get(name)
+        if slot is not None and self._pins[slot] == 0:
+            self._free(slot)
+        elif slot is not None:
+            self._slot_of.pop(name)  # pinned: _release frees it (its name is no longer known)
+
+    def _free(self, slot: int) -> None:
+        name = self._slot_name[slot]
+        if name is not None and self._slot_of.get(name) == slot:
+            del self._slot_of[name]
+        self._slot_name[slot] = None
+        self._slot_rank[slot] = 0
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._known
+
+    def names(self) -> list[str]:
+        """Known adapters, in the order they were added."""
+        with self._lock:
+            return list(self._known)
+
+    def resident(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return list(self._slot_of)
+
+    def info(self, name: str) -> AdapterInfo:
+        """What the registry knows of ``name``."""
+        with self._lock:
+            if name not in self._known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (loaded: {', '.join(self._known) or 'none'})")
+            info = self._known[name].info
+            return AdapterInfo(**{**info.__dict__, "resident": name in self._slot_of})
+
+    # -- resident slots ----------------------------------------------------------------------
+
+    def acquire(self, name: str | None) -> int:
+        """Pin ``name``'s slot for a request, loading it (and evicting the LRU) if needed.
+
+        Returns:
+            The slot, or ``NO_ADAPTER`` for ``name=None`` (the base model).
+
+        Raises:
+            AdapterNotFoundError: ``name`` is unknown.
+            AdapterSlotsBusyError: it is not resident and every slot is pinned.
+        """
+        if name is None:
+            return NO_ADAPTER
+        with self._lock:
+            if name not in self._known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (loaded: {', '.join(self._known) or 'none'})")
+            slot = self._slot_of.get(name)
+            if slot is None:
+                slot = self._take_slot(name)
+                self._write(slot, self._known[name])
+                self._slot_of[name] = slot
+                self._slot_name[slot] = name
+                self._slot_rank[slot] = self._known[name].info.rank
+            self._slot_of.move_to_end(name)
+            self._pins[slot] += 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin a slot taken by :meth:`acquire` (``NO_ADAPTER`` is ignored)."""
+        if slot == NO_ADAPTER:
+            return
+        with self._lock:
+            self._pins[slot] -= 1
+            name = self._slot_name[slot]
+            if self._pins[slot] == 0 and name is not None and self._slot_of.get(name) != slot:
+                self._free(slot)  # removed (or replaced) while it ran
+
+    def _take_slot(self, name: str) -> int:
+        for slot, owner in enumerate(self._slot_name):
+            if owner is None and self._pins[slot] == 0:
+                return slot
+        for victim, slot in self._slot_of.items():  # least recently used first
+            if self._pins[slot] == 0:
+                self._free(slot)
+                return slot
+        raise AdapterSlotsBusyError(
+            f"cannot make adapter {name!r} resident: all {self.max_resident} slots are used by running "
+            "requests; it will be loaded when one finishes (raise max_resident to serve more at once)")
+
+    def _write(self, slot: int, adapter: _HostAdapter) -> None:
+        for module, layer in self.layers.items():
+            A, B, scaling = adapter.weights.get(module, (None, None, 0.0))
+            layer.write_slot(slot, A, B, scaling)
+
+    def slot_ranks(self) -> list[int]:
+        """The rank resident in each slot (0 for a free slot)."""
+        return list(self._slot_rank)
+
+    # -- reading a folder --------------------------------------------------------------------
+
+    def _read(self, name: str, folder: Path) -> _HostAdapter:
+        if not folder.is_dir():
+            raise LorakitError(f"adapter folder {folder} does not exist")
+        config = LoraConfig.load(folder)
+        _refuse_unservable(config, folder)
+        tensors, source = read_adapter_tensors(folder)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            module, part = _split_key(key, source)
+            pairs.setdefault(module, {})[part] = tensor
+        weights = {}
+        for module, parts in pairs.items():
+            weights[module] = self._check_module(module, parts, config, source)
+        if not weights:
+            raise LorakitError(f"{source}: holds no LoRA weights")
+        rank = max(A.shape[0] for A, _, _ in weights.values())
+        info = AdapterInfo(name=name, path=str(folder), rank=rank, modules=len(weights))
+        return _HostAdapter(info, weights)
+
+    def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
+                      source: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if set(parts) != {"lora_A", "lora_B"}:
+            missing = {"lora_A", "lora_B"} - set(parts)
+            raise LorakitError(f"{source}: module {module} lacks {', '.join(sorted(missing))}.weight")
+        layer = self.layers.get(module)
+        if layer is None:
+            raise LorakitError(
+                f"{source}: adapts module {module!r}, which this engine does not serve "
+                f"(it serves {len(self.layers)} modules chosen by target_modules); start the engine with "
+                "target_modules covering it, or check that the adapter belongs to this base model")
+        A, B = parts["lora_A"], parts["lora_B"]
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or tuple(B.shape) != (layer.out_features, r):
+            raise LorakitError(
+                f"{source}: module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
+                f"a layer of {layer.in_features} inputs and {layer.out_features} outputs; the adapter was "
+                "trained on a different base model")
+        if r > self.max_rank:
+            raise LorakitError(f"{source}: module {module} has rank {r}, above this engine's max_rank "
+                               f"{self.max_rank}; start the engine with max_rank >= {r}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise LorakitError(f"{source}: module {module} holds NaN or inf values")
+        if config.rank_for(module) != r:
+            raise LorakitError(f"{source}: module {module} has rank {r} but the config says "
+                               f"{config.rank_for(module)} (r / rank_pattern); the files do not belong together")
+        alpha = config.alpha_for(module)
+        scaling = alpha / r ** 0.5 if config.use_rslora else alpha / r
+        return A.float(), B.float(), scaling
+
+
+def _refuse_unservable(config: LoraConfig, folder: Path) -> None:
+    if config.use_dora:
+        raise LorakitError(
+            f"{folder}: a DoRA adapter (use_dora: true). The multi-adapter engine does not serve DoRA "
+            "yet (its per-row weight norm needs its own batched path); merge it into the base with "
+            "`lorakit merge` and serve the merged model, or use PEFT for it")
+    if config.lora_bias:
+        raise LorakitError(f"{folder}: lora_bias adapters are not served by the multi-adapter engine; "
+                           "merge it with `lorakit merge` instead")
+    if config.modules_to_save:
+        raise LorakitError(
+            f"{folder}: modules_to_save {config.modules_to_save} (fully trained copies of modules) cannot "
+            "be batched across adapters; merge it with `lorakit merge` and serve the merged model")
+    if config.bias != "none":
+        raise LorakitError(f"{folder}: bias={config.bias!r} trains base biases, which the multi-adapter "
+                           "engine cannot vary per request; merge it with `lorakit merge` instead")
+
+
+def _split_key(key: str, source: Path) -> tuple[str, str]:
+    bare = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for part in ("lora_A", "lora_B"):
+        suffix = f".{part}.weight"
+        if bare.endswith(suffix):
+            return bare[: -len(suffix)], part
+    if "lora_embedding" in bare:
+        raise LorakitError(f"{source}: {key} is an embedding LoRA, which the multi-adapter engine does not serve")
+    if "lora_magnitude_vector" in bare:
+        raise LorakitError(f"{source}: {key} is a DoRA magnitude; the multi-adapter engine does not serve DoRA yet")
+    raise LorakitError(f"{source}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight / "
+                       "lora_B.weight); the engine serves plain LoRA adapters only")

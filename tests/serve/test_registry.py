@@ -1,0 +1,199 @@
+"""The adapter registry: what it refuses (and why), slots, pins, LRU, replace, threads; PEFT's files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import pytest
+import torch
+from conftest import make_tiny
+from serve.serve_helpers import WordTokenizer, peft_dora_adapter, save_random_adapter
+
+from lorakit.errors import LorakitError
+from lorakit.serve import AdapterNotFoundError, AdapterSlotsBusyError, Engine, SamplingParams
+from lorakit.serve.layers import NO_ADAPTER
+from lorakit.serve.registry import AdapterRegistry
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def folders(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg")
+    return {name: save_random_adapter(base, root / name, r=r, seed=i)
+            for i, (name, r) in enumerate([("a", 2), ("b", 4), ("c", 8)])}
+
+
+def registry(base, **kwargs) -> AdapterRegistry:
+    return AdapterRegistry(copy.deepcopy(base), **{"max_resident": 2, "max_rank": 8, **kwargs})
+
+
+def test_info_and_slot_contents(base, folders):
+    reg = registry(base)
+    info = reg.add("b", folders["b"])
+    assert (info.rank, info.modules, info.resident) == (4, 14, False)  # 7 linear modules x 2 layers
+    slot = reg.acquire("b")
+    assert reg.info("b").resident and reg.slot_ranks()[slot] == 4
+    layer = reg.layers["model.layers.0.self_attn.q_proj"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(folders["b"] / "adapter_model.safetensors")
+    A = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    B = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(layer.lora_A[slot, :4], A)
+    torch.testing.assert_close(layer.lora_Bt[slot, :4], (B * 8 / 4).T)  # alpha/r folded into B
+    assert layer.lora_A[slot, 4:].abs().sum() == 0  # rank padding is zeros
+
+
+def test_pins_lru_and_busy(base, folders):
+    reg = registry(base)
+    for name, folder in folders.items():
+        reg.add(name, folder)
+    sa, sb = reg.acquire("a"), reg.acquire("b")
+    with pytest.raises(AdapterSlotsBusyError, match="all 2 slots are used"):
+        reg.acquire("c")
+    reg.release(sa)
+    sc = reg.acquire("c")  # evicts a, the only unpinned one
+    assert sc == sa and reg.resident() == ["b", "c"]
+    reg.release(sb), reg.release(sc)
+    assert reg.acquire(None) == NO_ADAPTER
+    reg.release(reg.acquire("b"))  # b becomes the most recent; c is now the LRU
+    reg.release(reg.acquire("a"))
+    assert reg.resident() == ["b", "a"]
+
+
+def test_remove_while_pinned_frees_on_release(base, folders):
+    reg = registry(base)
+    reg.add("a", folders["a"])
+    slot = reg.acquire("a")
+    reg.remove("a")
+    assert reg.names() == [] and reg.resident() == []
+    with pytest.raises(AdapterNotFoundError):
+        reg.acquire("a")
+    assert reg.slot_ranks()[slot] == 2  # still serving the running request
+    reg.release(slot)
+    assert reg.slot_ranks()[slot] == 0
+    with pytest.raises(AdapterNotFoundError, match="no adapter named 'a'"):
+        reg.remove("a")
+
+
+def test_replace_while_pinned(base, folders):
+    reg = registry(base)
+    reg.add("x", folders["a"])
+    old = reg.acquire("x")
+    with pytest.raises(LorakitError, match="already loaded"):
+        reg.add("x", folders["b"])
+    reg.add("x", folders["b"], replace=True)
+    new = reg.acquire("x")
+    assert new != old and reg.slot_ranks()[new] == 4 and reg.slot_ranks()[old] == 2
+    reg.release(old)
+    assert reg.slot_ranks()[old] == 0 and reg.resident() == ["x"]
+
+
+def test_threads_add_remove_acquire(base, folders):
+    reg = registry(base, max_resident=3)
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(15):
+                name = f"t{i}"
+                reg.add(name, folders["abc"[j % 3]], replace=True)
+                try:
+                    slot = reg.acquire(name)
+                    reg.release(slot)
+                except AdapterSlotsBusyError:
+                    pass
+                if j % 4 == 3:
+                    reg.remove(name)
+        except Exception as err:  # pragma: no cover - the assertion below reports it
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(reg.names()) == ["t0", "t1", "t2", "t3"]
+    assert len(reg.resident()) <= 3 and set(reg.resident()) <= set(reg.names())
+
+
+def test_refusals(base, folders, tmp_path):
+    reg = registry(base, max_rank=4)
+    with pytest.raises(LorakitError, match="rank 8, above this engine's max_rank 4"):
+        reg.add("c", folders["c"])
+    narrow = registry(base, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(LorakitError, match="does not serve"):
+        narrow.add("a", folders["a"])
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    save_random_adapter(big, tmp_path / "wide", r=2)
+    with pytest.raises(LorakitError, match="different base model"):
+        reg.add("wide", tmp_path / "wide")
+    with pytest.raises(LorakitError, match="not allowed"):
+        reg.add("bad name", folders["a"])
+    with pytest.raises(LorakitError, match="does not exist"):
+        reg.add("gone", tmp_path / "nothing")
+
+
+def test_refuses_dora_bias_and_modules_to_save(base, tmp_path):
+    reg = registry(base)
+    dora = peft_dora_adapter(base, tmp_path / "dora")
+    with pytest.raises(LorakitError, match="DoRA adapter .*does not serve DoRA"):
+        reg.add("dora", dora)
+    save_random_adapter(base, tmp_path / "bias", r=2, lora_bias=True)
+    with pytest.raises(LorakitError, match="lora_bias"):
+        reg.add("bias", tmp_path / "bias")
+    save_random_adapter(base, tmp_path / "mts", r=2, targets=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(LorakitError, match="modules_to_save"):
+        reg.add("mts", tmp_path / "mts")
+    save_random_adapter(base, tmp_path / "nan", r=2)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "nan" / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan" / "adapter_model.safetensors")
+    with pytest.raises(LorakitError, match="NaN or inf"):
+        reg.add("nan", tmp_path / "nan")
+    config = json.loads((tmp_path / "nan" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and reg.names() == []
+
+
+def test_peft_written_adapters_match_peft_mixed_batch(base, tmp_path):
+    """Adapters saved by PEFT itself, served mixed: the same greedy tokens as PEFT's own
+    ``adapter_names`` mixed batch (PEFT as the oracle)."""
+    import peft
+
+    work = copy.deepcopy(base)
+    work.config.eos_token_id = work.generation_config.eos_token_id = None
+    model = None
+    for i, (name, targets) in enumerate([("p", ["q_proj", "v_proj"]), ("q", ["gate_proj", "down_proj", "o_proj"])]):
+        torch.manual_seed(10 + i)
+        cfg = peft.LoraConfig(r=4 + 2 * i, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        model = peft.get_peft_model(work, cfg, adapter_name=name) if model is None else model
+        if i:
+            model.add_adapter(name, cfg)
+        model.save_pretrained(tmp_path / "peft", selected_adapters=[name])
+    model.eval()
+    engine = Engine(copy.deepcopy(base), WordTokenizer(), max_resident=2, max_rank=8)
+    engine.load_adapter("p", tmp_path / "peft" / "p")
+    engine.load_adapter("q", tmp_path / "peft" / "q")
+    prompts = [[5, 9, 2, 33], [7, 1, 60, 61], [11, 4, 8, 8]]
+    names = ["p", "q", "__base__"]
+    ours = [h.result().token_ids for h in [engine.submit(prompt_ids=p, adapter=None if a == "__base__" else a,
+                                                           params=SamplingParams(max_tokens=6, temperature=0))
+                                           for p, a in zip(prompts, names)]]
+    with torch.no_grad():
+        theirs = model.generate(input_ids=torch.tensor(prompts), attention_mask=torch.ones(3, 4, dtype=torch.long),
+                                adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert ours == theirs[:, 4:].tolist()
+    assert ours[0] != ours[2] or ours[1] != ours[2]
