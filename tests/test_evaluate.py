@@ -176,14 +176,6 @@ def test_cli_bad_input_is_named_and_nothing_is_written(tiny, tmp_path, capsys):
     assert "Traceback" not in err and not out.exists()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """SmolLM2 tests run with one thread: on a shared 2-core machine, 2-thread forwards were 13x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def trained_adapter(smollm2_path, tmp_path_factory, one_thread):

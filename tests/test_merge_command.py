@@ -107,14 +107,6 @@ def test_merge_bad_input_leaves_nothing_behind(tiny_base, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """SmolLM2 tests run with one thread: on a shared 2-core machine, 2-thread forwards were 13x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.slow
 def test_smollm2_merge_with_an_embedding_adapter_is_not_retied(smollm2_path, tmp_path, one_thread):

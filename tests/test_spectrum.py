@@ -19,13 +19,8 @@ from lorakit.spectrum import (CONFIG_NAME, WEIGHTS_NAME, MatrixSnr, freeze_for_s
                               save_spectrum, scan, select, selected_modules, snr, snr_from_singular_values)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # LAPACK's SVD with 2 threads on a busy 2-core machine is up to 10× slower than with 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# LAPACK's SVD with 2 threads on a busy 2-core machine is up to 10× slower than with 1.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def noise(m: int, n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
