@@ -147,7 +147,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for module_name, layer in list(named_adapter_layers(model)):
         layer.delete(name)
         if not layer.adapter_names:
-            set_submodule(model, module_name, _inner(layer))
+            set_submodule(model, module_name, _base(layer))
     del configs[name]
     state = adapter_state(model)
     state.active = [a for a in state.active if a != name]
@@ -417,10 +417,6 @@ def _base(module: nn.Module) -> nn.Module:
     if isinstance(module, ModulesToSave):
         return module.original_module
     return module
-
-
-def _inner(layer: LoraLayer | ModulesToSave) -> nn.Module:
-    return _base(layer)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
