@@ -33,6 +33,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, TrainConfig, save_config
+from lorakit.train.loss import CausalLMLoss
 from lorakit.train.progress import MetricsLog, Progress, Reporters, write_plots
 
 Callback = Callable[[str, "Run"], None]
@@ -83,6 +84,7 @@ class Run:
         self.device, self.dtype = device, dtype
         self.pad = pad_token_id(tokenizer)
         self.output = Path(config.output)
+        self.objective: torch.nn.Module = CausalLMLoss(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
@@ -131,7 +133,7 @@ class Run:
                 continue
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast():
-                loss = self.model(**batch, use_cache=False).loss * (n / targets)  # mean over the step's targets
+                loss = self.objective(**batch) * (n / targets)  # mean over the step's targets
             loss.backward()
             loss_sum += loss.detach().float()
         loss_value = float(loss_sum)
