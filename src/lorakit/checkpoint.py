@@ -186,6 +186,7 @@ def load_adapter(
     folder = Path(folder)
     if not folder.is_dir():
         raise LorakitError(f"adapter folder {folder} does not exist")
+    _refuse_spectrum(folder)
     config = LoraConfig.load(folder)
     tensors, source = read_adapter_tensors(folder, allow_pickle=allow_pickle)
     config = dataclasses.replace(config, inference_mode=not trainable)
@@ -203,6 +204,15 @@ def load_adapter(
     return adapter_configs(model)[name]
 
 
+def _refuse_spectrum(folder: Path) -> None:
+    from lorakit.spectrum import CONFIG_NAME as SPECTRUM_CONFIG
+
+    if (folder / SPECTRUM_CONFIG).is_file() and not (folder / CONFIG_NAME).is_file():
+        raise LorakitError(f"{folder} holds a Spectrum run's trained matrices, not a LoRA adapter; apply them to "
+                           "the base with lorakit.spectrum.load_spectrum(model, folder) (they replace the base's "
+                           "tensors: there is nothing to merge or to serve as an adapter)")
+
+
 def load_adapters(model: nn.Module, folder: str | Path, trainable: bool = False) -> list[str]:
     """Load every adapter of a PEFT multi-adapter folder (``default`` at the top, others in
     sub-folders); the first becomes active. Returns their names."""
@@ -215,6 +225,7 @@ def load_adapters(model: nn.Module, folder: str | Path, trainable: bool = False)
         load_adapter(model, sub, sub.name, trainable=trainable, activate=False)
         names.append(sub.name)
     if not names:
+        _refuse_spectrum(folder)
         raise LorakitError(f"{folder}: no {CONFIG_NAME} here or in its sub-folders")
     set_active(model, names[:1])
     return names

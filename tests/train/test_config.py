@@ -74,14 +74,12 @@ def test_bad_values_are_named(override, message):
 
 def test_methods_map_to_the_adapter_core():
     dora = load_config(None, ["adapter.method=dora"]).adapter
-    dora.check_available()
     assert dora.to_lora_config().use_dora and not dora.quantized
     qlora = load_config(None, ["adapter.method=qlora"]).adapter
     assert qlora.quantized and not qlora.to_lora_config().use_dora
     assert load_config(None, ["adapter.quantize=nf4", "adapter.method=dora"]).adapter.quantized  # QDoRA
-    spectrum = load_config(None, ["adapter.method=spectrum"])
-    with pytest.raises(LorakitError, match="'spectrum' is not available in training"):
-        spectrum.adapter.check_available()
+    spectrum = load_config(None, ["adapter.method=spectrum", "adapter.targets=spectrum:25"]).adapter
+    assert spectrum.spectrum_top == 25 and not spectrum.quantized
     with pytest.raises(LorakitError, match="pissa needs a dense base"):
         load_config(None, ["adapter.method=qlora", "adapter.init=pissa"])
 

@@ -70,15 +70,13 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     """
     from safetensors.torch import save_file
 
-    from lorakit.checkpoint import save_adapter
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:06d}"
     tmp = folder / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_adapter(model, tmp)
+        save_weights(model, tmp)
         tensors, groups = _optimizer_tensors(optimizer)
         for key, value in (rng if rng is not None else rng_state()).items():
             tensors[f"rng.{key}"] = value
@@ -98,6 +96,23 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def save_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """The trained weights into ``folder``: the PEFT adapter, or a Spectrum run's tensors."""
+    from lorakit import spectrum
+    from lorakit.checkpoint import save_adapter
+
+    info = spectrum.spectrum_info(model)
+    if info is not None:
+        spectrum.save_spectrum(model, folder, base_model=info["base_model"], top=info["top"])
+    else:
+        save_adapter(model, folder)
+
+
+WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "spectrum_config.json",
+                "spectrum_model.safetensors")
+"""The files of a checkpoint that :func:`save_weights` wrote (those present are the final adapter)."""
 
 
 def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class AdapterConfig:
     """The ``adapter:`` section: which adapter, its rank, scale and where it goes."""
 
     method: str = "lora"
-    """``lora``, ``dora``, or ``qlora`` (LoRA on an NF4 base); ``spectrum`` is planned and refused for now."""
+    """``lora``, ``dora``, ``qlora`` (LoRA on an NF4 base), or ``spectrum`` (the selected matrices trained
+    in full, everything else frozen; ``targets`` then names the matrices)."""
     r: int = 16
     """Rank of the update ``B A``."""
     alpha: float = 32
@@ -50,7 +52,8 @@ class AdapterConfig:
     dropout: float = 0.05
     """Dropout on the adapter branch's input during training."""
     targets: list[str] | str = "all-linear"
-    """``all-linear`` (every linear layer but the output head), a list of names, or a regex."""
+    """``all-linear`` (every linear layer but the output head), a list of names, a regex, or
+    ``spectrum:N``: the top N % of each module type by Spectrum's signal-to-noise ratio."""
     exclude: list[str] | str | None = None
     """Names or a regex of modules never to adapt."""
     rslora: bool = False
@@ -63,6 +66,9 @@ class AdapterConfig:
     """Base biases to train: ``none``, ``all`` or ``lora_only``."""
     modules_to_save: list[str] | None = None
     """Modules trained in full beside the adapter (e.g. a classification head)."""
+    spectrum_embeddings: bool = True
+    """With ``method: spectrum``: also train the input embeddings and the output head, as the
+    reference Spectrum does."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,24 +85,50 @@ class AdapterConfig:
         if self.init == "pissa" and self.quantized:
             raise LorakitError("adapter.init: pissa needs a dense base; it cannot be combined with an nf4 base")
         _bool("adapter.rslora", self.rslora)
+        _bool("adapter.spectrum_embeddings", self.spectrum_embeddings)
+        top = self.spectrum_top  # validates spectrum:N
+        if self.method == "spectrum":
+            if self.quantized:
+                raise LorakitError("adapter.method: spectrum trains full-precision weights; it cannot be combined "
+                                   "with quantize: nf4 (use method: qlora with targets: spectrum:N instead)")
+            if top is None and not isinstance(self.targets, list):
+                raise LorakitError("adapter.targets: method: spectrum needs the matrices to train: spectrum:N (the "
+                                   "top N % of each module type, e.g. spectrum:25) or the list that "
+                                   "`lorakit spectrum MODEL --top N` prints")
 
     @property
     def quantized(self) -> bool:
         """Whether the base is stored in NF4 (``method: qlora`` or ``quantize: nf4``)."""
         return self.method == "qlora" or self.quantize == "nf4"
 
-    def check_available(self) -> None:
-        """Raise for methods that are specified but not built yet (checked when a run starts)."""
-        if self.method == "spectrum":
-            raise LorakitError("adapter.method: 'spectrum' is not available in training in this version of "
-                               "lorakit yet; use lora, dora or qlora (lorakit spectrum M shows the selection)")
+    @property
+    def spectrum_top(self) -> float | None:
+        """N of ``targets: spectrum:N``, or None for any other targets."""
+        if not (isinstance(self.targets, str) and self.targets.startswith("spectrum:")):
+            return None
+        try:
+            top = float(self.targets.removeprefix("spectrum:"))
+        except ValueError:
+            top = math.nan
+        if not 0.0 < top <= 100.0:
+            raise LorakitError(f"adapter.targets: {self.targets!r}: expected spectrum:N with N a percentage in "
+                               "(0, 100], e.g. spectrum:25")
+        return top
 
-    def to_lora_config(self, base_model: str | None = None) -> Any:
-        """The core library's ``LoraConfig`` (PEFT field names) for these settings."""
+    def to_lora_config(self, base_model: str | None = None, targets: list[str] | str | None = None) -> Any:
+        """The core library's ``LoraConfig`` (PEFT field names) for these settings.
+
+        Args:
+            base_model: recorded as ``base_model_name_or_path``.
+            targets: the resolved target modules when ``targets`` is ``spectrum:N``.
+        """
         from lorakit.adapters.config import LoraConfig
 
+        if targets is None and self.spectrum_top is not None:
+            raise LorakitError("adapter.targets: spectrum:N must be resolved against the model first "
+                               "(lorakit.train.setup.resolve_targets)")
         try:
-            return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
+            return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets or self.targets,
                               exclude_modules=self.exclude, use_rslora=self.rslora,
                               init_lora_weights=True if self.init == "kaiming" else self.init, bias=self.bias,
                               use_dora=self.method == "dora",

@@ -317,8 +317,6 @@ def _patience_exhausted(run: Run) -> bool:
 
 def _final_adapter(run: Run) -> Path:
     """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one."""
-    from lorakit.checkpoint import save_adapter
-
     target = run.output / "adapter"
     best = run.state.best_step
     source = run.output / "checkpoints" / f"step-{best:06d}" if best is not None else None
@@ -326,12 +324,13 @@ def _final_adapter(run: Run) -> Path:
         tmp = run.output / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(source / name, tmp / name)
+        for name in ckpt.WEIGHT_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
     else:
         tmp = run.output / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(run.model, tmp)
+        ckpt.save_weights(run.model, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

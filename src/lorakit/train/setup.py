@@ -51,7 +51,6 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
     from lorakit.train.progress import check_reporters
 
     say = (lambda *a: None) if quiet else print
-    config.adapter.check_available()
     check_reporters(config.train.report_to)
     output = Path(config.output)
     resume_from = ckpt.find_resume(config.resume, output) if config.resume else None
@@ -76,13 +75,22 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
 
         quantize_model(model, compute_dtype=dtype)
     torch.manual_seed(config.train.seed)
+    targets = resolve_targets(config, say)
     if resume_from is not None:
         _check_compatible(config, resume_from)
+    if config.adapter.method == "spectrum":
+        from lorakit.spectrum import freeze_for_spectrum, load_spectrum, mark_spectrum
+
+        freeze_for_spectrum(model, targets, train_embeddings=config.adapter.spectrum_embeddings)
+        mark_spectrum(model, base_model=config.model, top=config.adapter.spectrum_top)
+        if resume_from is not None:
+            load_spectrum(model, resume_from)
+    elif resume_from is not None:
         from lorakit.checkpoint import load_adapter
 
         load_adapter(model, resume_from, trainable=True)
     else:
-        add_adapter(model, config.adapter.to_lora_config(base_model=config.model))
+        add_adapter(model, config.adapter.to_lora_config(base_model=config.model, targets=targets))
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input gradients, so it works with a frozen base.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -102,6 +110,27 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
     say(f"{config.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
         f"{len(splits.train):,} train rows, {eval_rows:,} eval rows; {run.total} steps on {device} ({dtype})")
     return run, resume_from
+
+
+def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
+    """The adapter's target modules, with ``spectrum:N`` replaced by the modules Spectrum selects.
+
+    The scan reads the base model's safetensors one matrix at a time and is cached per model,
+    so only the first run on a model pays for it (SmolLM2-135M: a few seconds).
+    """
+    top = config.adapter.spectrum_top
+    if top is None:
+        return config.adapter.targets
+    from lorakit import spectrum
+    from lorakit.models import resolve
+
+    results = spectrum.scan(resolve(config.model))
+    modules = spectrum.selected_modules(results, top)
+    if not modules:
+        raise LorakitError(f"adapter.targets: spectrum:{top:g} selects no matrix of {config.model} "
+                           f"(int(layers × {top:g} / 100) is 0 in every module type); raise the percentage")
+    say(f"spectrum:{top:g}: {len(modules)} of {len(results)} matrices selected by signal-to-noise ratio")
+    return modules
 
 
 def _check_compatible(config: RunConfig, checkpoint: Path) -> None:
