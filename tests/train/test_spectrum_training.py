@@ -144,3 +144,11 @@ def test_a_spectrum_output_is_not_mistaken_for_an_adapter(tmp_path, model_dir):
     for load in (load_adapter, load_adapters):
         with pytest.raises(LorakitError, match="holds a Spectrum run's trained matrices.*load_spectrum"):
             load(model, tmp_path / "out")
+
+
+def test_the_printed_yaml_snippet_is_a_valid_training_config(model_dir, selected, tmp_path):
+    import yaml
+
+    results = spectrum.scan(model_dir, cache_dir=tmp_path)
+    adapter = RunConfig.from_dict(yaml.safe_load(spectrum.yaml_snippet(results, 50, model_dir))).adapter
+    assert adapter.method == "spectrum" and adapter.targets == selected
