@@ -1,7 +1,8 @@
-"""Serving: the multi-adapter inference engine (:mod:`lorakit.serve.engine`).
+"""Serving: the multi-adapter inference engine (:mod:`lorakit.serve.engine`) and the
+OpenAI-compatible HTTP server over it (:mod:`lorakit.serve.http`, ``lorakit serve``).
 
 ``from lorakit.serve import Engine, SamplingParams`` imports torch and transformers on first use
-only, so ``lorakit --help`` stays instant. The HTTP server builds on :class:`Engine`.
+only, so ``lorakit --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _LAZY = {
     "Completion": "lorakit.serve.requests",
     "RequestHandle": "lorakit.serve.requests",
     "TokenEvent": "lorakit.serve.requests",
+    "create_app": "lorakit.serve.http",
+    "BackgroundServer": "lorakit.serve.asgi",
 }
 
 __all__ = list(_LAZY)

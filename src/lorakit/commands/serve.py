@@ -1,0 +1,112 @@
+"""``lorakit serve --base M [--adapter NAME=DIR …] [--adapter-root DIR] [--host 127.0.0.1] [--port 8000]``.
+
+An OpenAI-compatible server (:mod:`lorakit.serve.http`) over one base model and many adapters:
+``model`` in a request names an adapter, or the base model (``--served-model-name``, default
+``--base`` as given) for none. Requests for different adapters share one continuous batch.
+
+Notable:
+
+- Binds 127.0.0.1 unless ``--host`` says otherwise; a non-loopback host without ``--api-key``
+  (or ``LORAKIT_API_KEY``) gets a warning.
+- ``--adapter-root DIR`` turns on ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``,
+  for safetensors adapters under DIR only. Adapters given with ``--adapter`` may live anywhere.
+- ``--max-loaded N`` adapters are resident at once (more are swapped in, least recently used
+  first); ``--max-batch`` requests run together and ``--max-queue`` more wait before 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+API_KEY_ENV = "LORAKIT_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="M", help="base model: hub id, folder, .gguf file or alias")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the adapter in DIR as model NAME; repeat for several")
+    parser.add_argument("--adapter-root", metavar="DIR",
+                        help="allow loading adapters at run time, from folders under DIR only")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", metavar="K", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer K' on /v1/* (default: ${API_KEY_ENV}, if set)")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the base model's name in the API (default: --base)")
+    parser.add_argument("--max-loaded", type=int, default=8, metavar="N", help="adapters resident at once (default 8)")
+    parser.add_argument("--max-rank", type=int, default=16, metavar="R",
+                        help="largest adapter rank accepted (default 16)")
+    parser.add_argument("--max-batch", type=int, default=32, metavar="N", help="requests decoded together (default 32)")
+    parser.add_argument("--max-queue", type=int, default=256, metavar="N",
+                        help="requests waiting beyond --max-batch before answering 429 (default 256)")
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="context length per request (default: the model's)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="B",
+                        help="largest request body; 413 above it (default 4 MiB)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: by device)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.errors import LorakitError
+
+    adapters = parse_adapters(args.adapter)
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise LorakitError(f"--adapter-root {args.adapter_root} is not a folder")
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"warning: binding {args.host} without --api-key: anyone who can reach this port can use the "
+              "server", file=sys.stderr)
+
+    import uvicorn
+
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.http import create_app
+
+    name = args.served_model_name or args.base
+    if name in adapters:
+        raise LorakitError(f"--adapter {name}=…: that name is the base model's; choose another")
+    print(f"loading {args.base} and {len(adapters)} adapter(s) …", file=sys.stderr)
+    engine = Engine.from_pretrained(args.base, adapters, dtype=args.dtype, device=args.device,
+                                    max_batch=args.max_batch, max_resident=args.max_loaded,
+                                    max_rank=args.max_rank, max_context=args.max_context)
+    app = create_app(engine, name, api_key=args.api_key, adapter_root=args.adapter_root,
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join([name, *adapters])} at http://{host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """``["name=DIR", …]`` as ``{name: DIR}``, names checked, no name twice.
+
+    Raises:
+        LorakitError: a spec without ``=``, a bad or repeated name.
+    """
+    from lorakit.errors import LorakitError
+    from lorakit.inject import check_adapter_name
+
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not folder:
+            raise LorakitError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter sql=runs/sql/adapter")
+        check_adapter_name(name)
+        if name in adapters:
+            raise LorakitError(f"--adapter {name}=…: given twice")
+        adapters[name] = folder
+    return adapters
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
