@@ -114,3 +114,124 @@ def test_two_active_dora_adapters_are_refused(input_ids):
         model(input_ids)
     with pytest.raises(LorakitError, match="embedding"):
         add_adapter(make_tiny("llama"), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+
+
+# -- the fused DoRA op (dora._DoraLinear) against the plain-PyTorch reference -----------------------
+
+
+def _dora_layer(base: torch.nn.Module, dropout: float, dtype: torch.dtype = torch.float32) -> LoraLinear:
+    from lorakit.adapters.lora import AdapterOptions, wrap
+
+    layer = wrap(base.to(dtype))
+    layer.add("d", AdapterOptions(r=4, alpha=8, dropout=dropout, init=False, use_dora=True))  # B ≠ 0
+    layer.set_active(["d"])
+    with torch.no_grad():  # a trained-looking magnitude, not just the initial norm
+        layer.lora_magnitude_vector["d"].mul_(1 + 0.1 * torch.randn(layer.out_features))
+    layer.base_layer.requires_grad_(False)
+    return layer.train()
+
+
+def _dora_run(layer, x, forward, seed=7):
+    """Output, input gradient and A, B, magnitude gradients of one forward/backward."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = forward(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return (y.detach(), x.grad, layer.lora_A["d"].weight.grad, layer.lora_B["d"].weight.grad,
+            layer.lora_magnitude_vector["d"].grad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-no-bias", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_op_equals_plain_reference(kind, dtype, dropout):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {"linear": lambda: torch.nn.Linear(16, 24), "linear-no-bias": lambda: torch.nn.Linear(16, 24, bias=False),
+            "conv1d": lambda: Conv1D(24, 16)}[kind]()
+    layer = _dora_layer(base, dropout, dtype)
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    got = _dora_run(layer, x, layer)
+
+    def plain(x):  # the same mask from the same seed, drawn as the fused op draws it
+        mask = dora.dropout_mask(x.reshape(-1, 16), dropout).reshape(x.shape) if dropout else None
+        if mask is not None:
+            assert 0.4 < mask.float().mean() < 0.95
+        return dora.reference(layer, "d", x, mask)
+    want = _dora_run(layer, x, plain)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("out", "x", "A", "B", "magnitude"), got, want):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)
+    assert got[1].dtype == dtype and got[2].dtype == got[4].dtype == torch.float32  # fp32 adapter over bf16
+
+
+def test_fused_op_with_near_zero_magnitude_rows():
+    """|c| ≈ 0 in some rows: the op keeps u rather than dividing the output by c."""
+    torch.manual_seed(0)
+    layer = _dora_layer(torch.nn.Linear(16, 24), dropout=0.0)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["d"][:5] = 0.0
+    x = torch.randn(2, 4, 16)
+    got, want = _dora_run(layer, x, layer), _dora_run(layer, x, lambda x: dora.reference(layer, "d", x))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[4][:5].abs().sum() > 0  # the magnitude of a zeroed row still gets its gradient
+
+
+def test_fused_op_keeps_input_mask_rank_r_and_output_only():
+    """Saved for backward: x (shared by sibling layers), the bool mask, h (N, r) and the output — no
+    dropped-out copy of x, no separate W x."""
+    torch.manual_seed(0)
+    q, k = (_dora_layer(torch.nn.Linear(64, 48, bias=False), 0.1) for _ in range(2))
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [q(x), k(x)]
+    big = [t for t in saved.values() if t.numel() >= 16 * 48 and not isinstance(t, torch.nn.Parameter)]
+    kinds = sorted((tuple(t.shape), str(t.dtype)) for t in big)
+    assert kinds == sorted([((16, 64), "torch.bool")] * 2 + [((16, 64), "torch.float32")]
+                           + [((16, 48), "torch.float32")] * 2), kinds
+    assert {t.untyped_storage().data_ptr() for t in big} >= {x.untyped_storage().data_ptr(),
+                                                             outs[0].untyped_storage().data_ptr()}
+
+
+def test_fused_op_under_autocast_matches_reference():
+    torch.manual_seed(0)
+    layer = _dora_layer(torch.nn.Linear(16, 24), dropout=0.0)
+    x = torch.randn(2, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _dora_run(layer, x, layer)
+        want = _dora_run(layer, x, lambda x: dora.reference(layer, "d", x))
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_fused_op_with_a_trainable_base_weight_gives_its_gradient():
+    """A base weight that trains (not lorakit's default): the base product keeps its own autograd."""
+    torch.manual_seed(0)
+    layer = _dora_layer(torch.nn.Linear(16, 24), dropout=0.0)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 4, 16)
+    got = _dora_run(layer, x, layer) + (layer.base_layer.weight.grad.clone(),)
+    layer.base_layer.weight.grad = None
+    want = _dora_run(layer, x, lambda x: dora.reference(layer, "d", x)) + (layer.base_layer.weight.grad,)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_mask_keep_rate_and_scale_are_unbiased():
+    torch.manual_seed(0)
+    for p in (0.05, 0.3):
+        mask = dora.dropout_mask(torch.empty(1000, 1000), p)
+        assert mask.dtype == torch.bool and abs(mask.float().mean().item() - (1 - p)) < 3e-3
+        dropped = round(p * 65536) / 65536  # the probability really used
+        assert dora.keep_scale(p) * (1 - dropped) == pytest.approx(1.0, abs=1e-12)
+    a, b = dora.dropout_mask(torch.empty(64, 64), 0.5), dora.dropout_mask(torch.empty(64, 64), 0.5)
+    assert not torch.equal(a, b)  # fresh each call
