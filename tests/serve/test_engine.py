@@ -294,3 +294,58 @@ def test_failing_callback_cancels_only_its_request(setup):
     good = engine.submit(prompt_ids=p[1], adapter="b", params=SamplingParams(max_tokens=6, **GREEDY))
     assert good.result().token_ids == references(base, folders, [(p[1], "b")], 6)[0]
     assert bad.result().finish_reason == "cancelled"
+
+
+def _save_dora_adapter(base, folder, seed):
+    """A lorakit-written DoRA adapter with non-zero B and a magnitude away from the initial norm."""
+    import lorakit
+
+    work = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    lorakit.add_adapter(work, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                                 init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in work.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.5)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn(param.shape))
+    lorakit.save_adapter(work, folder)
+    return folder
+
+
+def test_dora_adapter_mixed_with_lora_and_base(setup, tmp_path):
+    """Issue #8: a DoRA adapter served per row, in one batch with a plain LoRA adapter and the base,
+    gives each request the greedy tokens of the model with that adapter merged, alone; and the
+    engine's first-step logits equal lorakit's own (unmerged) DoRA model."""
+    arch, base, folders = setup
+    dora_folder = _save_dora_adapter(base, tmp_path / "dora", seed=5)
+    all_folders = {**folders, "dora": dora_folder}
+    engine = make_engine(base, {"a": folders["a"], "dora": dora_folder})
+    assert {i.name: i.dora for i in engine.adapters()} == {"a": False, "dora": True}
+    requests = list(zip(prompts(9, seed=3), ["dora", "a", None] * 3))
+    handles = [engine.submit(prompt_ids=p, adapter=a, params=SamplingParams(max_tokens=6, **GREEDY))
+               for p, a in requests]
+    got = [h.result().token_ids for h in handles]
+    assert got == references(base, all_folders, requests, 6)
+    plain = references(base, all_folders, [(p, None) for p, _ in requests], 6)
+    assert any(g != b for g, b, (_, a) in zip(got, plain, requests) if a == "dora")
+
+    from lorakit.checkpoint import load_adapter
+    from lorakit.serve.layers import LoraBatch
+
+    ours = copy.deepcopy(base)
+    load_adapter(ours, dora_folder, "dora")
+    ids = torch.tensor([p[:2] for p, _ in requests[:3]])
+    reg = engine.registry
+    slots = [reg.acquire("dora"), reg.acquire("a"), reg.acquire(None)]
+    reg.context.plan = LoraBatch.build(slots, reg.slot_ranks(), reg.max_resident)
+    try:
+        with torch.no_grad():
+            served = engine.model(input_ids=ids).logits
+    finally:
+        reg.context.plan = None
+        for slot in slots:
+            reg.release(slot)
+    with torch.no_grad():
+        torch.testing.assert_close(served[0], ours(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)

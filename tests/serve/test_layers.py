@@ -104,3 +104,87 @@ def test_conv1d_base():
     got = layer(x)
     torch.testing.assert_close(got[0], base(x[0]) + 2.0 * (x[0] @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], base(x[1]), rtol=1e-6, atol=1e-6)
+
+
+def dora_reference(layer, x, row_slots, adapters, scales):
+    """Per row: ``c ⊙ (W x + s·B A x) + b`` for a DoRA slot (``scales``), the LoRA formula otherwise."""
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    rows = []
+    for i, slot in enumerate(row_slots):
+        if slot in scales:
+            A, B, s = adapters[slot]
+            rows.append(scales[slot] * (x[i] @ weight.T + s * (x[i] @ A.T) @ B.T) + bias)
+        else:
+            rows.append(reference(layer, x[i:i + 1], [slot], adapters)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gather"])
+@pytest.mark.parametrize("row_slots", [[0, 1, NO_ADAPTER, 2, 1], [1, 1], [NO_ADAPTER, 1, 0], [2, 0, 0, NO_ADAPTER]])
+def test_dora_rows_are_scaled_per_feature(strategy, row_slots):
+    """Slot 1 holds a DoRA adapter: its rows get c ⊙ (W x + update) + b; plain-LoRA and base rows in
+    the same batch are unchanged."""
+    layer, context, adapters = make_layer()
+    scale = 0.5 + torch.rand(10)
+    layer.write_slot(1, *adapters[1][:2], adapters[1][2], scale=scale)
+    assert layer.dora_slots == {1} and layer.lora_scale.shape == (5, 10)
+    x = torch.randn(len(row_slots), 5, 12)
+    context.plan = LoraBatch.build(row_slots, ranks=[2, 8, 5, 0], num_slots=4, strategy=strategy)
+    expected = dora_reference(layer, x, row_slots, adapters, {1: scale})
+    with torch.no_grad():  # in place, as the engine runs
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    context.plan = LoraBatch.build(row_slots, ranks=[2, 8, 5, 0], num_slots=4, strategy=strategy)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # out of place (autograd on)
+
+
+def test_dora_slot_rewritten_as_plain_lora_and_batches_without_dora():
+    layer, context, adapters = make_layer()
+    layer.write_slot(1, *adapters[1][:2], adapters[1][2], scale=torch.full((10,), 2.0))
+    x = torch.randn(2, 3, 12)
+    context.plan = LoraBatch.build([0, 2], ranks=[2, 8, 5, 0], num_slots=4)  # no DoRA row: the plain path
+    torch.testing.assert_close(layer(x), reference(layer, x, [0, 2], adapters), rtol=1e-5, atol=1e-5)
+    layer.write_slot(1, *adapters[1][:2], adapters[1][2])  # a plain adapter takes the slot
+    assert layer.dora_slots == set() and torch.equal(layer.lora_scale[1], torch.ones(10))
+    context.plan = LoraBatch.build([1, 0], ranks=[2, 8, 5, 0], num_slots=4)
+    torch.testing.assert_close(layer(x), reference(layer, x, [1, 0], adapters), rtol=1e-5, atol=1e-5)
+    layer.write_slot(1, None, None, 0.0, scale=torch.full((10,), 3.0))  # DoRA adapter skipping the layer
+    torch.testing.assert_close(layer(x), reference(layer, x, [NO_ADAPTER, 0], adapters), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_conv1d_base():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(10, 12)  # weight (in, out)
+    context = SlotContext()
+    layer = BatchedLoraLinear(base, 2, 4, context, 12, 10, torch.float32)
+    A, B, scale = torch.randn(3, 12), torch.randn(10, 3), 0.5 + torch.rand(10)
+    layer.write_slot(1, A, B, 2.0, scale=scale)
+    x = torch.randn(2, 4, 12)
+    context.plan = LoraBatch.build([1, NO_ADAPTER], ranks=[0, 3], num_slots=2)
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got[0], scale * (x[0] @ base.weight + 2.0 * (x[0] @ A.T) @ B.T) + base.bias,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], base(x[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_dora_scale_stays_fp32_over_a_bf16_base():
+    """c is close to 1: in bf16 its deviation would round to steps of 1/128; the table is fp32 and
+    the product is rounded once, into the bf16 output."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).to(torch.bfloat16)
+    context = SlotContext()
+    layer = BatchedLoraLinear(base, 2, 4, context, 12, 10, torch.bfloat16)
+    A, B, scale = torch.randn(3, 12), torch.randn(10, 3), 1 + 0.002 * torch.randn(10)
+    layer.write_slot(0, A, B, 2.0, scale=scale)
+    assert layer.lora_scale.dtype == torch.float32 and torch.equal(layer.lora_scale[0], scale)
+    x = torch.randn(2, 4, 12, dtype=torch.bfloat16)
+    context.plan = LoraBatch.build([0, NO_ADAPTER], ranks=[3, 0], num_slots=2)
+    with torch.no_grad():
+        got = layer(x)
+        u = (x[0] @ base.weight.T).float() + 2.0 * (x[0].float() @ A.T) @ B.T
+        want = scale * u + base.bias.float()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].float(), want, rtol=2e-2, atol=1e-1)  # bf16 slots and products
+    torch.testing.assert_close(got[1], base(x[1]), rtol=2e-2, atol=1e-2)  # bias added after, in bf16

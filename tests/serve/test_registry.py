@@ -147,8 +147,8 @@ def test_refusals(base, folders, tmp_path):
 def test_refuses_dora_bias_and_modules_to_save(base, tmp_path):
     reg = registry(base)
     dora = peft_dora_adapter(base, tmp_path / "dora")
-    with pytest.raises(LorakitError, match="DoRA adapter .*does not serve DoRA"):
-        reg.add("dora", dora)
+    assert reg.add("dora", dora).dora  # served since issue #8 (test_serves_peft_dora_adapter_mixed)
+    reg.remove("dora")
     save_random_adapter(base, tmp_path / "bias", r=2, lora_bias=True)
     with pytest.raises(LorakitError, match="lora_bias"):
         reg.add("bias", tmp_path / "bias")
@@ -197,3 +197,63 @@ def test_peft_written_adapters_match_peft_mixed_batch(base, tmp_path):
                                 adapter_names=names, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert ours == theirs[:, 4:].tolist()
     assert ours[0] != ours[2] or ours[1] != ours[2]
+
+
+def test_serves_peft_dora_adapter_mixed(base, tmp_path):
+    """A DoRA adapter saved by PEFT (with a trained-looking magnitude), a plain PEFT LoRA adapter and
+    the base in one batch: every row's logits equal PEFT's model with that adapter alone (PEFT
+    cannot mix DoRA in one batch, so its rows run one by one)."""
+    import peft
+
+    from lorakit.serve.layers import LoraBatch
+
+    torch.manual_seed(3)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True, init_lora_weights=False),
+        adapter_name="d")
+    model.add_adapter("p", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                           init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.randn(param.shape))
+    for name in ("d", "p"):
+        model.save_pretrained(tmp_path, selected_adapters=[name])
+    model.eval()
+    reg = registry(base)
+    assert reg.add("d", tmp_path / "d").dora and not reg.add("p", tmp_path / "p").dora
+    slots = [reg.acquire("d"), reg.acquire("p"), NO_ADAPTER, reg.acquire("d")]
+    scale = reg.layers["model.layers.0.self_attn.q_proj"].lora_scale[slots[0]]
+    assert (scale - 1).abs().max() > 0.05  # c ≠ 1: DoRA is not plain LoRA here
+    ids = torch.randint(1, 96, (4, 7), generator=torch.Generator().manual_seed(0))
+    reg.context.plan = LoraBatch.build(slots, reg.slot_ranks(), reg.max_resident)
+    with torch.no_grad():
+        got = reg.model(input_ids=ids).logits
+    reg.context.plan = None
+    with torch.no_grad():
+        expected = []
+        for row, name in zip(ids, ["d", "p", None, "d"]):
+            if name is None:
+                with model.disable_adapter():
+                    expected.append(model(input_ids=row[None]).logits[0])
+            else:
+                model.set_adapter(name)
+                expected.append(model(input_ids=row[None]).logits[0])
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[2], atol=1e-3)  # the adapter changes the output
+
+
+def test_dora_magnitude_mismatch_is_refused(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = peft_dora_adapter(base, tmp_path / "dora")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_magnitude_vector" in k)
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match="lora_magnitude_vector .*does not fit"):
+        registry(base).add("bad", folder)
+    del tensors[key]
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match="lacks lora_magnitude_vector"):
+        registry(base).add("bad", folder)

@@ -16,8 +16,11 @@ Use it synchronously (iterating a handle or calling ``result()`` drives the engi
 caller's thread) or with a background thread (:meth:`Engine.start`), which is what the HTTP
 server does. All public methods are thread-safe.
 
-Not served (refused with a message when loading): DoRA adapters, ``lora_bias``,
-``modules_to_save``, embedding LoRA. Merge those into the base with ``lorakit merge``.
+DoRA adapters are served per row like plain LoRA: each DoRA row's output is scaled by its
+adapter's per-feature ``c = m / ‖W + s·B A‖_row``, computed once when the adapter is loaded.
+
+Not served (refused with a message when loading): ``lora_bias``, ``modules_to_save``, embedding
+LoRA. Merge those into the base with ``lorakit merge``.
 """
 
 from __future__ import annotations
@@ -233,6 +236,10 @@ class Engine:
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = [int(t) for t in prompt_ids]
+            vocab = self.model.get_input_embeddings().num_embeddings
+            if not all(0 <= t < vocab for t in ids):  # caught here, it cannot fail a whole prefill batch
+                raise LorakitError(f"prompt token ids must lie in [0, {vocab}) for this model; got "
+                                   f"{[t for t in ids if not 0 <= t < vocab][:5]}")
         if not ids:
             raise LorakitError("the prompt is empty: it must hold at least one token")
         return list(ids)

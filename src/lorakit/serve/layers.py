@@ -28,6 +28,13 @@ What is notable:
   engine sized for r=64 does r=4 work.
 - A batch where every row uses one adapter skips the grouping (two plain matmuls); a batch with no
   adapter at all runs the base layer alone.
+- DoRA adapters: ``y = c ⊙ (W x + s·B A x) + b`` with ``c = m / ‖W + s·B A‖_row``, one (out,)
+  vector per adapter and layer, computed once when the adapter is loaded (the registry). A slot
+  holding one sets its row of ``lora_scale`` (slots + 1, out; fp32; allocated at the first DoRA
+  write, the last row is ones for rows without an adapter). Only a batch that uses a DoRA slot takes the
+  DoRA path: the base product without bias, the same low-rank update, then each row × its
+  adapter's ``c`` (ones for plain LoRA and base rows), then the bias. Plain-LoRA batches run the
+  code above unchanged.
 - Alternative measured in ``benchmarks/serve_engine.py``: gathering A and B per *row*
   (``strategy="gather"``), which copies B·R·(in+out) weights per layer; the grouped form reads each
   adapter once per layer and wins as soon as two rows share an adapter.
@@ -62,6 +69,8 @@ class LoraBatch:
         row_mask: (B, 1, 1) 1.0 for rows with an adapter, 0.0 without.
         strategy: "grouped" (default) or "gather" (per-row gathered weights; for the benchmark).
         slot_list: the group slots as Python ints (for the per-group path).
+        scale_index: (B,) each row's row of a layer's ``lora_scale`` table (its slot; the ones row
+            for rows without an adapter); filled by the first DoRA layer that needs it.
     """
 
     rows: int
@@ -78,6 +87,7 @@ class LoraBatch:
     row_slots: torch.Tensor
     row_mask: torch.Tensor
     strategy: str = "grouped"
+    scale_index: torch.Tensor | None = None
 
     @classmethod
     def build(cls, row_slots: list[int], ranks: list[int], num_slots: int,
@@ -147,13 +157,32 @@ class BatchedLoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("lora_Bt", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
                              persistent=False)
+        self.register_buffer("lora_scale", None, persistent=False)  # DoRA's c per slot: see write_slot
+        self.dora_slots: set[int] = set()  # slots whose adapter is DoRA on this layer
         self.context = context  # a plain object, not a module: shared by every layer
 
     @torch.no_grad()
-    def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
-        """Put ``A`` (r, in) and ``s·B`` (out, r) into ``slot`` (None: this adapter skips the layer)."""
+    def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float,
+                   scale: torch.Tensor | None = None) -> None:
+        """Put ``A`` (r, in) and ``s·B`` (out, r) into ``slot`` (None: this adapter skips the layer).
+
+        ``scale``: a DoRA adapter's ``c = m / ‖W + s·B A‖_row`` (out,) on this layer, or None for
+        plain LoRA. The (slots + 1, out) table is allocated at the first DoRA write.
+        """
         self.lora_A[slot].zero_()
         self.lora_Bt[slot].zero_()
+        if A is not None and scale is not None:
+            if self.lora_scale is None:
+                slots = self.lora_A.shape[0]
+                # fp32 even over a half-precision base: c is close to 1, bf16 would round its
+                # deviation from 1 (the whole DoRA effect) to steps of 1/128
+                self.lora_scale = torch.ones(slots + 1, self.out_features, dtype=torch.float32,
+                                             device=self.lora_A.device)
+            self.lora_scale[slot].copy_(scale)
+            self.dora_slots.add(slot)
+        elif slot in self.dora_slots:
+            self.lora_scale[slot].fill_(1.0)
+            self.dora_slots.discard(slot)
         if A is None:
             return
         r = A.shape[0]
@@ -161,10 +190,34 @@ class BatchedLoraLinear(nn.Module):
         self.lora_Bt[slot, :r].copy_((B.float() * scaling).T)  # fp32 product, then the slot dtype
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         plan = self.context.plan
+        if plan is not None and self.dora_slots and not self.dora_slots.isdisjoint(plan.slot_list):
+            return self._forward_dora(x, plan)
+        out = self.base_layer(x, *args, **kwargs)
         if plan is None:
             return out
+        return self._add_update(x, plan, out)
+
+    def _forward_dora(self, x: torch.Tensor, plan: LoraBatch) -> torch.Tensor:
+        """A batch with DoRA rows: ``(W x + update) ⊙ c[row] + b``, ``c`` = 1 for the other rows."""
+        weight = self.base_layer.weight
+        # The base product without its bias (Conv1D stores W as (in, out)); the bias comes after c.
+        out = nn.functional.linear(x, weight) if isinstance(self.base_layer, nn.Linear) else x @ weight
+        out = self._add_update(x, plan, out)
+        if plan.scale_index is None:
+            none = torch.full_like(plan.row_slots, self.lora_scale.shape[0] - 1)
+            plan.scale_index = torch.where(plan.row_mask.view(-1) > 0, plan.row_slots, none)
+        scale = self.lora_scale.index_select(0, plan.scale_index)[:, None]  # (B, 1, out), fp32
+        shaped = out.view(plan.rows, -1, self.out_features)
+        shaped = shaped.mul_(scale) if not torch.is_grad_enabled() else (shaped * scale).to(out.dtype)
+        out = shaped.view(out.shape)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return out
+        return out.add_(bias.to(out.dtype)) if not torch.is_grad_enabled() else out + bias.to(out.dtype)
+
+    def _add_update(self, x: torch.Tensor, plan: LoraBatch, out: torch.Tensor) -> torch.Tensor:
+        """``out`` + the batch's low-rank update (into ``out`` itself in inference mode)."""
         xt = x.reshape(plan.rows, -1, x.shape[-1]).to(self.lora_A.dtype)  # (B, T, in)
         in_place = out.is_contiguous() and out.dtype == self.lora_A.dtype and not torch.is_grad_enabled()
         if plan.uniform:

@@ -4,6 +4,8 @@ Two levels, as in S-LoRA and LoRAX:
 
 - **known** adapters (:meth:`AdapterRegistry.add`): read from a PEFT folder, checked against the
   model (every module, shape and rank), kept in host memory with the scaling folded into B;
+  a DoRA adapter also keeps, per module, ``c = m / ‖W + s·B A‖_row`` (out,), computed here once
+  from the base weight without an (out × in) temporary (:func:`lorakit.adapters.dora.norm_of`);
 - **resident** adapters: at most ``max_resident``, written into preallocated per-layer slots of
   the :class:`~lorakit.serve.layers.BatchedLoraLinear` layers that replace the model's target
   modules (in place, by name). A request pins its adapter's slot while it runs; a new adapter
@@ -14,7 +16,7 @@ the engine calls from its own loop between forwards, so a forward never reads a 
 Removing an adapter that running requests still use takes it off the known list at once (new
 requests fail) and frees its slot when the last of them finishes.
 
-Refused with a clear message (never served wrongly): DoRA (``use_dora``), ``lora_bias``,
+Refused with a clear message (never served wrongly): ``lora_bias``,
 ``modules_to_save``, embedding LoRA, modules outside the engine's targets, ranks above
 ``max_rank``, NaN/inf weights.
 """
@@ -29,12 +31,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.adapters import dora
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.lora import is_conv1d
 from lorakit.checkpoint import PREFIX, read_adapter_tensors
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name, find_targets, set_submodule
 from lorakit.serve.layers import NO_ADAPTER, BatchedLoraLinear, SlotContext
+
+
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m in PEFT's files: <module>.lora_magnitude_vector
 
 
 class AdapterNotFoundError(LorakitError):
@@ -58,12 +64,14 @@ class AdapterInfo:
     rank: int  # the largest rank over its modules
     modules: int  # how many modules it adapts
     resident: bool = False
+    dora: bool = False  # a DoRA adapter (``use_dora``): rows scaled per output feature
 
 
 @dataclass
 class _HostAdapter:
     info: AdapterInfo
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, scaling)
+    # module -> (A, B, scaling, DoRA's c (out,) or None)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
 
 
 class AdapterRegistry:
@@ -236,8 +244,8 @@ class AdapterRegistry:
 
     def _write(self, slot: int, adapter: _HostAdapter) -> None:
         for module, layer in self.layers.items():
-            A, B, scaling = adapter.weights.get(module, (None, None, 0.0))
-            layer.write_slot(slot, A, B, scaling)
+            A, B, scaling, scale = adapter.weights.get(module, (None, None, 0.0, None))
+            layer.write_slot(slot, A, B, scaling, scale)
 
     def slot_ranks(self) -> list[int]:
         """The rank resident in each slot (0 for a free slot)."""
@@ -260,15 +268,19 @@ class AdapterRegistry:
             weights[module] = self._check_module(module, parts, config, source)
         if not weights:
             raise LorakitError(f"{source}: holds no LoRA weights")
-        rank = max(A.shape[0] for A, _, _ in weights.values())
-        info = AdapterInfo(name=name, path=str(folder), rank=rank, modules=len(weights))
+        rank = max(A.shape[0] for A, _, _, _ in weights.values())
+        info = AdapterInfo(name=name, path=str(folder), rank=rank, modules=len(weights), dora=config.use_dora)
         return _HostAdapter(info, weights)
 
     def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
-                      source: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-        if set(parts) != {"lora_A", "lora_B"}:
-            missing = {"lora_A", "lora_B"} - set(parts)
-            raise LorakitError(f"{source}: module {module} lacks {', '.join(sorted(missing))}.weight")
+                      source: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        wanted = {"lora_A", "lora_B"} | ({_MAGNITUDE} if config.use_dora else set())
+        if set(parts) != wanted:
+            if _MAGNITUDE in parts:
+                raise LorakitError(f"{source}: module {module} has a DoRA magnitude ({_MAGNITUDE}) but the "
+                                   "config says use_dora: false; the files do not belong together")
+            missing = ", ".join(p if p == _MAGNITUDE else f"{p}.weight" for p in sorted(wanted - set(parts)))
+            raise LorakitError(f"{source}: module {module} lacks {missing}")
         layer = self.layers.get(module)
         if layer is None:
             raise LorakitError(
@@ -292,15 +304,26 @@ class AdapterRegistry:
                                f"{config.rank_for(module)} (r / rank_pattern); the files do not belong together")
         alpha = config.alpha_for(module)
         scaling = alpha / r ** 0.5 if config.use_rslora else alpha / r
-        return A.float(), B.float(), scaling
+        scale = _dora_scale(layer, module, parts[_MAGNITUDE], A, B, scaling, source) if config.use_dora else None
+        return A.float(), B.float(), scaling, scale
+
+
+def _dora_scale(layer: BatchedLoraLinear, module: str, magnitude: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                scaling: float, source: Path) -> torch.Tensor:
+    """DoRA's ``c = m / ‖W + s·B A‖_row`` (out,) for one module, fp32 on the host."""
+    if tuple(magnitude.shape) != (layer.out_features,):
+        raise LorakitError(f"{source}: module {module}: {_MAGNITUDE} {tuple(magnitude.shape)} does not fit a layer "
+                           f"of {layer.out_features} outputs; the adapter was trained on a different base model")
+    weight = layer.base_layer.weight
+    weight = weight if isinstance(layer.base_layer, nn.Linear) else weight.T  # (out, in); Conv1D stores (in, out)
+    scale = magnitude.float().to(weight.device) / dora.norm_of(weight, A, B, scaling)
+    if not torch.isfinite(scale).all():
+        raise LorakitError(f"{source}: module {module}: the DoRA magnitude holds NaN/inf values, or a row of "
+                           "W + s·B A has norm zero")
+    return scale.cpu()
 
 
 def _refuse_unservable(config: LoraConfig, folder: Path) -> None:
-    if config.use_dora:
-        raise LorakitError(
-            f"{folder}: a DoRA adapter (use_dora: true). The multi-adapter engine does not serve DoRA "
-            "yet (its per-row weight norm needs its own batched path); merge it into the base with "
-            "`lorakit merge` and serve the merged model, or use PEFT for it")
     if config.lora_bias:
         raise LorakitError(f"{folder}: lora_bias adapters are not served by the multi-adapter engine; "
                            "merge it with `lorakit merge` instead")
@@ -321,7 +344,8 @@ def _split_key(key: str, source: Path) -> tuple[str, str]:
             return bare[: -len(suffix)], part
     if "lora_embedding" in bare:
         raise LorakitError(f"{source}: {key} is an embedding LoRA, which the multi-adapter engine does not serve")
-    if "lora_magnitude_vector" in bare:
-        raise LorakitError(f"{source}: {key} is a DoRA magnitude; the multi-adapter engine does not serve DoRA yet")
+    for suffix in (f".{_MAGNITUDE}", f".{_MAGNITUDE}.weight"):  # PEFT writes no .weight; accept both
+        if bare.endswith(suffix):
+            return bare[: -len(suffix)], _MAGNITUDE
     raise LorakitError(f"{source}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight / "
                        "lora_B.weight); the engine serves plain LoRA adapters only")
