@@ -21,6 +21,11 @@ What is notable here:
   checks the update for NaN/inf before any weight changes.
 - Adapter weights stay fp32 when the base is fp16/bf16; the branch computes in fp32 and the sum
   is cast back to the base output's dtype.
+- Training with one plain adapter over a dense frozen base runs through one fused autograd op
+  (:mod:`lorakit.adapters.fused`): it keeps only the input, a 1-byte dropout mask and the
+  rank-r intermediate for backward, and skips all dropout work without dropout (over a 4-bit
+  base, W is dequantised inside it, in forward and again in backward). Several adapters, DoRA,
+  ``lora_bias`` or a trained base weight take the plain path.
 - One layer class per kind of base weight: ``LoraLinear`` covers ``nn.Linear`` and transformers'
   ``Conv1D`` (which stores W as in×out, PEFT's ``fan_in_fan_out``); ``LoraEmbedding`` has A and B
   the other way round (A = 0, B ~ N(0, 1)), as in PEFT.
@@ -28,6 +33,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters import dora, pissa, quant
+from lorakit.adapters import dora, fused, pissa, quant
 from lorakit.errors import LorakitError
 
 
@@ -242,6 +248,7 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
+        self.fused = True  # False: always the plain module-by-module path (tests, debugging)
 
     @property
     def quantized(self) -> bool:
@@ -312,6 +319,42 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
+    def _can_fuse(self, name: str, x: torch.Tensor) -> bool:
+        # The fused op covers the training case: one plain (not DoRA) adapter over a frozen base.
+        base = self.base_layer
+        if self.quantized and (getattr(base, "compute_dtype", None) or x.dtype) != self._fused_dtype(x):
+            return False  # a 4-bit base computing in another dtype than its input: the plain path casts
+        return (self.fused and name not in self.lora_magnitude_vector
+                and self.lora_B[name].bias is None and not base.weight.requires_grad and x.is_floating_point()
+                and isinstance(self.lora_dropout[name], (nn.Dropout, nn.Identity)))
+
+    @staticmethod
+    def _fused_dtype(x: torch.Tensor) -> torch.dtype:
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One adapter through :class:`lorakit.adapters.fused.LoraLinearFn` (same numbers as the plain path)."""
+        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        p = self.options[name].dropout if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        device = x.device.type
+        weight_fn = None
+        if self.quantized:  # NF4: dequantised inside the op, in forward and again in backward
+            weight, weight_fn = None, functools.partial(quant.dequantize, self.base_layer, self._fused_dtype(x))
+        if torch.is_autocast_enabled(device):  # autocast would cast inside the op: cast once, here
+            dtype = torch.get_autocast_dtype(device)
+            x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
+            weight = None if weight is None else weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        with torch.autocast(device, enabled=False):
+            y = fused.LoraLinearFn.apply(x2, weight, bias, A, B, self.scaling[name], p, self.fan_in_fan_out,
+                                         weight_fn)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``s · B A dropout(x)`` in the adapter's dtype (fp32 over a half-precision base)."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -320,6 +363,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self._branch_names()
+        if len(names) == 1 and self._can_fuse(names[0], x):
+            return self._fused_forward(names[0], x)
         doras = [n for n in names if n in self.lora_magnitude_vector]
         if not doras:
             result = self.base_forward(x)

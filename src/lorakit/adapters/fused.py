@@ -1,0 +1,123 @@
+"""The fused LoRA linear: ``y = x Wᵀ + b + s · B A dropout(x)`` as one autograd op.
+
+Forward, with ``m`` the dropout keep-mask (uint8), ``q = 1/(1-p)`` (:func:`keep_scale`) and W frozen::
+
+    h = q · (x ⊙ m) Aᵀ          # (N, r): the rank-r intermediate, saved
+    y = x Wᵀ + b + h (s·B)ᵀ      # scaling folded into the small (out, r) matrix, added in place
+
+Backward, from ``g = dy`` (N, out)::
+
+    dB = s · gᵀ h                # (out, r)
+    dh = s · g B                 # (N, r)
+    dA = q · dhᵀ (x ⊙ m)         # (r, in); x ⊙ m is recomputed, never kept
+    dx = g W + q · (dh A) ⊙ m    # the LoRA part added in place into the base gradient
+    db = Σ_tokens g              # only when the base bias is trained
+
+Against the plain path (``nn.Dropout`` → ``lora_A`` → ``lora_B`` → ``× s`` → ``+``), it saves for
+backward only what backward needs: ``x`` (which the layer's neighbours usually keep anyway: q, k
+and v share it), the mask as one byte per element, and ``h``; the plain path keeps a full copy of
+the dropped-out input per adapted layer. The output and input gradient take no extra full-size
+temporaries (``addmm_``, in-place ``mul_``/``add_``). Without dropout (p = 0 or eval mode) there is no mask and
+no dropout work at all. The dropout mask is drawn by :func:`dropout_mask`, so a test can draw the
+same mask from the same seed.
+
+:func:`reference` is the plain-PyTorch version of the same math, for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+_LEVELS = 1 << 16  # dropout probabilities are resolved to 1/65536
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep-mask of dropout probability ``p`` for ``x``: uint8, 1 where the element is kept, 0 where
+    dropped (multiplying by a uint8 mask is about twice as fast on CPU as by a bool one).
+
+    Drawn as uniform 16-bit integers, four from each random 64-bit word, compared with a
+    threshold: several times faster on CPU than ``bernoulli_``. The drop probability is ``p``
+    rounded to a multiple of 1/65536 (0.05 → 0.0500031); :func:`keep_scale` rescales by exactly
+    the matching keep probability, so the branch stays unbiased.
+    """
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform = words.view(torch.int16)[: x.numel()].view(x.shape)  # each in [-32768, 32767]
+    return (uniform >= round(p * _LEVELS) - _LEVELS // 2).view(torch.uint8)
+
+
+def keep_scale(p: float) -> float:
+    """``1 / (1 − p)`` for the drop probability :func:`dropout_mask` really uses."""
+    return _LEVELS / (_LEVELS - round(p * _LEVELS))
+
+
+class LoraLinearFn(torch.autograd.Function):
+    """Autograd of the fused layer; see the module docstring for the math.
+
+    Inputs: ``x`` (N, in); ``weight`` in the base layout (out, in), or (in, out) when
+    ``fan_in_fan_out``; ``bias`` (out,) or None; ``A`` (r, in); ``B`` (out, r); ``s``; dropout
+    ``p`` (0: none). ``x``, ``weight`` and ``bias`` share a dtype; ``A``/``B`` may be wider (fp32
+    adapters over a bf16 base): the rank-r path then runs in their dtype, as in the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, s: float, p: float, fan_in_fan_out: bool, weight_fn=None):
+        # weight_fn: a frozen weight stored otherwise (NF4): called for a transient (out, in) copy in
+        # forward and again in backward, never kept.
+        ctx.weight_fn = weight_fn
+        if weight_fn is not None:
+            weight = weight_fn()
+        wt = weight if fan_in_fan_out else weight.T  # (in, out) view, no copy
+        y = x @ wt if bias is None else torch.addmm(bias, x, wt)  # (N, out)
+        xa = x.to(A.dtype)
+        mask = dropout_mask(x, p) if p > 0 else None
+        h = (xa * mask if mask is not None else xa) @ A.T  # (N, r)
+        if mask is not None:
+            h.mul_(keep_scale(p))
+        sbt = (B * s).T  # (r, out): s folded into the small matrix
+        if y.dtype == h.dtype:
+            y.addmm_(h, sbt)
+        else:
+            y.add_((h @ sbt).to(y.dtype))
+        ctx.save_for_backward(x, mask, h, None if weight_fn is not None else weight, A, B)
+        ctx.s, ctx.p, ctx.fan_in_fan_out = s, p, fan_in_fan_out
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mask, h, weight, A, B = ctx.saved_tensors
+        s, q = ctx.s, keep_scale(ctx.p)
+        ga = g.to(A.dtype)  # (N, out)
+        dB = (ga.T @ h).mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
+        dh = (ga @ B).mul_(s * q if mask is not None else s)  # (N, r)
+        dA = None
+        if ctx.needs_input_grad[3]:
+            xa = x.to(A.dtype)
+            dA = dh.T @ (xa * mask if mask is not None else xa)  # (r, in)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.weight_fn is not None:
+                weight = ctx.weight_fn()
+            dx = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
+            if mask is None and dx.dtype == dh.dtype:
+                dx.addmm_(dh, A)
+            else:
+                lora = dh @ A  # (N, in)
+                if mask is not None:
+                    lora.mul_(mask)
+                dx.add_(lora.to(dx.dtype))
+        db = g.sum(0) if ctx.bias_grad else None
+        return dx, None, db, dA, dB, None, None, None, None
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+              s: float, mask: torch.Tensor | None, p: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The same layer in plain PyTorch ops (autograd by PyTorch), with a given keep-mask."""
+    base = x @ weight if fan_in_fan_out else torch.nn.functional.linear(x, weight)
+    if bias is not None:
+        base = base + bias
+    xa = x.to(A.dtype)
+    if mask is not None:
+        xa = xa * mask * keep_scale(p)
+    return base + ((xa @ A.T) @ B.T * s).to(base.dtype)
