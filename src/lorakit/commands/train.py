@@ -3,6 +3,9 @@
 Without CONFIG it runs the built-in quickstart (SmolLM2-135M-Instruct learns to answer word
 definitions as one line of JSON), printing the base model's and the adapter's results side by side.
 Exit status: 0 done, 2 user error, 130 interrupted (a checkpoint was saved).
+
+Several processes: start it under ``torchrun`` (or ``accelerate launch``), or give ``--nproc N``,
+which starts ``torchrun --standalone --nproc-per-node N`` with the same arguments on this machine.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="auto|DIR",
                         help="continue from the latest checkpoint in the output folder (auto) or from DIR")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train with N processes on this machine (one per GPU): runs torchrun for you")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     items = list(args.items)
     path = items.pop(0) if items and "=" not in items[0] else None
+    if args.nproc is not None:
+        return _launch(args, path, items)
     for item in items:
         if "=" not in item:
             raise LorakitError(f"{item!r}: expected key=value after the config file (e.g. train.lr=1e-4)")
@@ -37,7 +44,36 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(path, items)
     result = train(config, quiet=args.quiet)
+    from lorakit.train.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, process 0 reports for all
+        return 130 if result.stopped == "interrupted" else 0
     return report(result)
+
+
+def _launch(args: argparse.Namespace, path: str | None, items: list[str]) -> int:
+    """Re-run this command under torchrun with ``--nproc`` processes; its exit status."""
+    import os
+    import subprocess
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import load_config
+    from lorakit.train.distributed import launched, torchrun_command
+
+    if args.nproc < 1:
+        raise LorakitError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
+    if path is None:
+        raise LorakitError("--nproc needs a CONFIG file (the quickstart runs in one process)")
+    if launched():
+        raise LorakitError("--nproc inside torchrun: the launcher already started the processes; drop --nproc")
+    load_config(path, items)  # a bad config is reported once, here, not by every process
+    argv = (["--debug"] if getattr(args, "debug", False) else []) + ["train", path, *items]
+    argv += (["--resume", args.resume] if args.resume else []) + (["--quiet"] if args.quiet else [])
+    command = torchrun_command(args.nproc, argv)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not args.quiet:
+        print("running: " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command, env=env)
 
 
 def report(result) -> int:

@@ -43,7 +43,7 @@ class TrainerState:
     epoch: int = 0
     """Epoch the next batch comes from."""
     batch: int = 0
-    """Index in that epoch's batch plan of the next batch (exact mid-epoch resume)."""
+    """Index of the next micro-batch in that epoch's plan (exact mid-epoch resume, on any number of processes)."""
     tokens: int = 0
     """Non-pad input tokens trained on so far."""
     best_eval_loss: float | None = None
@@ -51,6 +51,10 @@ class TrainerState:
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
     """Training time spent before this checkpoint (for tokens/s and ETA after a resume)."""
+    global_batch: int = 0
+    """Rows per optimizer step over all processes (0: not recorded); a resume keeps it by default."""
+    world_size: int = 1
+    """Processes that trained up to here (the data position does not depend on it)."""
     config: dict[str, Any] = field(default_factory=dict)
 
 

@@ -36,6 +36,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REPORTERS = ("tensorboard", "wandb", "trackio")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -149,7 +150,15 @@ class TrainConfig:
     batch_size: int = 8
     """Rows per batch; with packing, the token budget is ``batch_size * data.max_length``."""
     grad_accum: int = 1
-    """Micro-batches summed into one optimizer step (loss averaged over all their answer tokens)."""
+    """Micro-batches summed into one optimizer step (loss averaged over all their answer tokens), per process."""
+    global_batch: int | None = None
+    """Rows per optimizer step over all processes (``batch_size × grad_accum × processes``); when set,
+    ``grad_accum`` follows from it, so the same config trains the same steps on any number of processes."""
+    distributed: str = "ddp"
+    """Under torchrun: ``ddp`` (each process holds the whole model) or ``fsdp`` (the frozen base is
+    sharded across processes with FSDP2, for bases that do not fit one device)."""
+    dist_timeout: float = 1800.0
+    """Seconds a process waits for the others in a collective before it stops with an error."""
     lr: float = 2.0e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -178,6 +187,18 @@ class TrainConfig:
     """Write a ``metrics.jsonl`` row and a plain progress line every N steps."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30 % more time."""
+    chunked_loss: bool = True
+    """Compute the output head and the loss in chunks over the answer tokens only, so the full
+    (tokens × vocab) logits never exist (same loss and gradients; architectures with soft-capped or
+    scaled logits, or an adapted head, use the model's own loss)."""
+    loss_chunk: int | None = None
+    """Answer tokens per chunk of the chunked loss (null: about 128 MiB of fp32 logits per chunk)."""
+    offload_activations: bool = False
+    """CUDA only: keep the activations saved for backward in pinned CPU memory (with
+    ``gradient_checkpointing``: only each layer's input). Less GPU memory, some speed; ignored on CPU."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (worth it on a GPU, for long runs: the first steps
+    compile). Off by default; on CPU it needs a C++ compiler and rarely pays."""
     dtype: str = "auto"
     """Base weights and compute: ``auto`` (bf16 on GPUs that support it, else fp32), ``fp32`` or ``bf16``
     (adapter weights and optimizer state stay fp32)."""
@@ -209,6 +230,16 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.dtype", self.dtype, DTYPES)
         _choice("train.device", self.device, DEVICES)
+        for name in ("chunked_loss", "offload_activations", "compile"):
+            _bool(f"train.{name}", getattr(self, name))
+        if self.loss_chunk is not None:
+            _int("train.loss_chunk", self.loss_chunk, 1)
+        _choice("train.distributed", self.distributed, DISTRIBUTED)
+        if self.global_batch is not None:
+            _int("train.global_batch", self.global_batch, 1)
+        self.dist_timeout = _number("train.dist_timeout", self.dist_timeout)
+        if self.dist_timeout <= 0:
+            raise LorakitError(f"train.dist_timeout: expected a positive number of seconds, got {self.dist_timeout}")
         for name in ("keep_best", "gradient_checkpointing", "plots"):
             _bool(f"train.{name}", getattr(self, name))
         if isinstance(self.report_to, str):

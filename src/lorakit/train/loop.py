@@ -13,10 +13,16 @@ Notable:
   second Ctrl-C interrupts at once; the checkpoint then holds the last completed step).
 - A NaN/inf loss or gradient norm stops the run before the optimizer step, so no bad update is
   ever applied or saved; the error names the step and the last good checkpoint.
+- Under torchrun (see :mod:`lorakit.train.distributed`) a step is one global batch shared by the
+  processes; each weighs its micro-batches by the answer tokens of the whole global batch, so the
+  summed gradient is the one-process gradient. Process 0 alone writes; a lost peer is an error.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 import shutil
 import signal
@@ -33,6 +39,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, TrainConfig, save_config
+from lorakit.train.distributed import Dist, is_comm_failure
 from lorakit.train.loss import CausalLMLoss
 from lorakit.train.progress import MetricsLog, Progress, Reporters, write_plots
 
@@ -71,12 +78,30 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
+def plan_steps(lengths: Any, data: Any, batch_size: int, per_step: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch's optimizer steps, each a list of up to ``per_step`` micro-batches of row indices.
+
+    Padded: global batches of ``batch_size × per_step`` rows cut into micro-batches of
+    ``batch_size``, so which rows a step trains on depends on the global batch only, not on how it
+    is split into micro-batches × accumulation × processes. Packed: bins of ``batch_size ×
+    max_length`` tokens, ``per_step`` consecutive bins per step.
+    """
+    from lorakit.data.batching import plan_batches
+
+    plan = functools.partial(plan_batches, lengths, packing=data.packing, max_length=data.max_length,
+                             seed=data.seed, epoch=epoch, group_by_length=data.group_by_length)
+    if data.packing:
+        bins = plan(batch_size=batch_size)
+        return [bins[i:i + per_step] for i in range(0, len(bins), per_step)]
+    return [[rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+            for rows in plan(batch_size=batch_size * per_step)]
+
+
 class Run:
     """One training run's live objects; :func:`train` drives it."""
 
     def __init__(self, config: RunConfig, model: torch.nn.Module, tokenizer: Any, splits: Any,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        from lorakit.data.batching import plan_batches
+                 device: torch.device, dtype: torch.dtype, dist: Dist | None = None, accum: int | None = None) -> None:
         from lorakit.data.pipeline import pad_token_id
 
         self.config, self.cfg = config, config.train
@@ -84,36 +109,47 @@ class Run:
         self.device, self.dtype = device, dtype
         self.pad = pad_token_id(tokenizer)
         self.output = Path(config.output)
-        self.objective: torch.nn.Module = CausalLMLoss(model)
+        self.dist = dist or Dist()
+        self.accum = accum or self.cfg.grad_accum
+        """Micro-batches per process and step."""
+        self.global_batch = self.cfg.batch_size * self.accum * self.dist.world
+        """Rows per optimizer step over all processes."""
+        self.objective: torch.nn.Module = self.dist.wrap(
+            CausalLMLoss(model, chunked=self.cfg.chunked_loss, chunk=self.cfg.loss_chunk,
+                         offload=self.cfg.offload_activations and device.type == "cuda"), model, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                            fused=fused or None)
         data = config.data
-        self._plan = lambda epoch: plan_batches(splits.train.lengths, packing=data.packing,
-                                                batch_size=self.cfg.batch_size, max_length=data.max_length,
-                                                seed=data.seed, epoch=epoch, group_by_length=data.group_by_length)
-        self.batches_per_epoch = len(self._plan(0))
+        per_step = self.accum * self.dist.world
+        self._plan = lambda epoch: plan_steps(splits.train.lengths, data, self.cfg.batch_size, per_step, epoch)
+        self.batches_per_epoch = sum(len(s) for s in self._plan(0))
+        """Micro-batches in an epoch (the data position ``state.batch`` counts micro-batches)."""
         if self.batches_per_epoch == 0:
             raise LorakitError(f"{data.train}: no training rows")
         # Packed plans may differ by a bin from epoch to epoch: count each epoch's steps.
-        self.total = self.cfg.max_steps or sum(math.ceil(len(self._plan(e)) / self.cfg.grad_accum)
-                                               for e in range(self.cfg.epochs))
-        self._cached: tuple[int, list[list[int]]] = (-1, [])
-        self.state = ckpt.TrainerState(config=config.to_dict())
+        self.total = self.cfg.max_steps or sum(len(self._plan(e)) for e in range(self.cfg.epochs))
+        self._cached: tuple[int, list[list[int]], list[int]] = (-1, [], [])
+        self.state = ckpt.TrainerState(config=config.to_dict(), global_batch=self.global_batch,
+                                       world_size=self.dist.world)
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
 
     # -- one step -----------------------------------------------------------------------------
 
     def next_batches(self) -> list[list[int]]:
-        """The row indices of the next step's micro-batches; advances the data position."""
+        """The row indices of the next step's micro-batches (of all processes); advances the data position."""
         if self._cached[0] != self.state.epoch:  # plans are pure functions of the epoch: compute once each
-            self._cached = (self.state.epoch, self._plan(self.state.epoch))
-        plan = self._cached[1]
-        chosen = plan[self.state.batch:self.state.batch + self.cfg.grad_accum]
-        self.state.batch += len(chosen)
-        if self.state.batch >= len(plan):
+            steps = self._plan(self.state.epoch)
+            self._cached = (self.state.epoch, [mb for s in steps for mb in s],
+                            list(itertools.accumulate(len(s) for s in steps)))
+        _, flat, ends = self._cached
+        at = bisect.bisect_right(ends, self.state.batch)  # the step that holds micro-batch state.batch
+        end = ends[at] if at < len(ends) else len(flat)
+        chosen = flat[self.state.batch:end]
+        self.state.batch = end
+        if self.state.batch >= len(flat):
             self.state.epoch, self.state.batch = self.state.epoch + 1, 0
         return chosen
 
@@ -123,21 +159,21 @@ class Run:
 
         batches = [collate(self.splits.train, g, packing=self.config.data.packing, pad_token_id=self.pad)
                    for g in groups]
-        targets = sum(num_label_tokens(b) for b in batches)  # answer tokens of the whole step
+        counts = [num_label_tokens(b) for b in batches]
+        targets = sum(counts)  # answer tokens of the whole step, over all processes
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches)
         loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for batch in batches:
-            n = num_label_tokens(batch)
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            if n == 0:
-                continue
+        for batch, n, last in self._share(batches, counts):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                loss = self.objective(**batch) * (n / targets)  # mean over the step's targets
-            loss.backward()
+            with self.dist.accumulating(self.objective, last):
+                with self.autocast():
+                    loss = self.objective(**batch) * (n / targets)  # mean over the step's targets
+                (loss * self.dist.loss_scale).backward()
             loss_sum += loss.detach().float()
-        loss_value = float(loss_sum)
-        norm = self.grad_norm()
+        self.dist.reduce_gradients(self.params)
+        loss_value = self.dist.all_sum([float(loss_sum)], self.device)[0]
+        norm = self.grad_norm()  # the gradients are the same on every process: so is the norm
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFinite(loss_value, norm)
@@ -146,6 +182,28 @@ class Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm, tokens
+
+    def _share(self, batches: list[dict[str, torch.Tensor]], counts: list[int]
+               ) -> list[tuple[dict[str, torch.Tensor], int, bool]]:
+        """This process's (micro-batch, answer tokens, is last) of the step: micro-batches r, r + W, ….
+
+        Under DDP/FSDP every process runs the same number of forward passes, so a process short
+        of micro-batches (end of an epoch) or holding one without answer tokens runs a weight-0 filler.
+        """
+        if not self.dist.enabled:
+            mine = [(b, n) for b, n in zip(batches, counts) if n]
+            return [(b, n, i == len(mine) - 1) for i, (b, n) in enumerate(mine)]
+        if not any(counts):
+            return []
+        filler = batches[next(i for i, n in enumerate(counts) if n)]
+        rank, world = self.dist.rank, self.dist.world
+        slots = math.ceil(len(batches) / world)
+        out = []
+        for i in range(slots):
+            j = rank + i * world
+            useful = j < len(batches) and counts[j] > 0
+            out.append((batches[j] if useful else filler, counts[j] if useful else 0, i == slots - 1))
+        return out
 
     def grad_norm(self) -> float:
         grads = [p for p in self.params if p.grad is not None]
@@ -170,16 +228,22 @@ class Run:
         from lorakit.evaluate.core import answer_loss  # the same measure `lorakit eval` reports
 
         self.model.eval()
-        try:
-            with self.autocast():
-                return answer_loss(self.model, self.splits.eval, self.pad, self.cfg.batch_size)["loss"]
+        try:  # every process evaluates all rows (same number, no exchange; FSDP needs them all anyway)
+            with self.dist.unsharded(self.objective), self.autocast():
+                loss = answer_loss(self.model, self.splits.eval, self.pad, self.cfg.batch_size)["loss"]
+            return self.dist.from_main(loss, self.device)
         finally:
             self.model.train()
 
     def save(self, rng: dict[str, torch.Tensor] | None = None) -> Path:
+        """Process 0 writes the checkpoint (the adapter is whole on every process); the others wait."""
         folder = self.output / "checkpoints"
-        self.last_checkpoint = ckpt.save_checkpoint(folder, self.model, self.optimizer, self.state, rng)
-        ckpt.prune(folder, self.cfg.keep_checkpoints, self.state.best_step)
+        if self.dist.is_main:
+            self.last_checkpoint = ckpt.save_checkpoint(folder, self.model, self.optimizer, self.state, rng)
+            ckpt.prune(folder, self.cfg.keep_checkpoints, self.state.best_step)
+        else:
+            self.last_checkpoint = folder / f"step-{self.state.step:06d}"
+        self.dist.barrier()
         return self.last_checkpoint
 
 
@@ -208,9 +272,25 @@ def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: boo
     from lorakit.train.setup import build_run
 
     run, resume_from = build_run(config, quiet=quiet)
-    out = _Sinks(MetricsLog(run.output / "metrics.jsonl", resume_step=run.state.step if resume_from else None),
-                 Reporters(run.cfg.report_to, run.output, config.to_dict()),
-                 Progress(run.total, run.state.step, run.cfg.log_every, quiet))
+    try:
+        return _drive(run, resume_from, callbacks, quiet)
+    except Exception as err:
+        if run.dist.enabled and is_comm_failure(err):  # a peer died or stalled: say so, never hang
+            last = ckpt.list_checkpoints(run.output / "checkpoints")
+            raise run.dist.lost_peer(err, run.state.step + 1, str(last[-1]) if last else None) from None
+        raise
+    finally:
+        run.dist.close()
+
+
+def _drive(run: Run, resume_from: Path | None, callbacks: list[Callback] | None, quiet: bool) -> RunResult:
+    config = run.config
+    if run.dist.is_main:
+        out = _Sinks(MetricsLog(run.output / "metrics.jsonl", resume_step=run.state.step if resume_from else None),
+                     Reporters(run.cfg.report_to, run.output, config.to_dict()),
+                     Progress(run.total, run.state.step, run.cfg.log_every, quiet))
+    else:  # metrics, trackers and the progress bar come from process 0 only
+        out = _Sinks(_NoMetrics(), Reporters([], run.output, {}), Progress(run.total, run.state.step, 1, quiet=True))
     if resume_from:
         out.progress.message(f"resumed from {resume_from} at step {run.state.step}")
     stopped, train_loss, eval_loss = "completed", None, None
@@ -249,7 +329,7 @@ def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: boo
                         out.progress.message(f"early stopping at step {step}: no better eval loss in "
                                              f"{run.cfg.early_stopping_patience} evaluations")
                         stopped = "early_stopping"
-                if run.stop_requested:
+                if run.dist.any(run.stop_requested, run.device):  # a Ctrl-C seen by any process stops all
                     stopped = "interrupted"
                 if done or improved or stopped != "completed" or (run.cfg.save_every and step % run.cfg.save_every == 0):
                     run.save()
@@ -257,9 +337,13 @@ def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: boo
         out.close()
     adapter = None
     if stopped != "interrupted":
-        adapter = _final_adapter(run)
-        if run.cfg.plots:
-            write_plots(run.output / "metrics.jsonl", run.output)
+        if run.dist.is_main:
+            adapter = _final_adapter(run)
+            if run.cfg.plots:
+                write_plots(run.output / "metrics.jsonl", run.output)
+        else:
+            adapter = run.output / "adapter"
+        run.dist.barrier()  # when train() returns, the adapter is there for every process
     return RunResult(run.output, adapter, stopped, run.state.step, train_loss, eval_loss, run.state.best_step,
                      run.last_checkpoint)
 
@@ -268,7 +352,7 @@ def train(config: RunConfig, callbacks: list[Callback] | None = None, quiet: boo
 class _Sinks:
     """Where a run's numbers go."""
 
-    metrics: MetricsLog
+    metrics: MetricsLog | _NoMetrics
     reporters: Reporters
     progress: Progress
 
@@ -280,6 +364,16 @@ class _Sinks:
         self.progress.close()
         self.metrics.close()
         self.reporters.close()
+
+
+class _NoMetrics:
+    """The metrics file of a process other than 0: nothing is written."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _record_step(run: Run, loss: float, norm: float, out: _Sinks) -> None:

@@ -2,19 +2,170 @@
 
 Training calls the objective rather than the model, so that whatever wraps the step for speed
 (a chunked loss) or scale (DDP, FSDP) wraps one module with one ``forward``.
+
+Notable:
+
+- **Chunked loss.** The (tokens × vocab) logits never exist in full. The backbone runs once; then
+  only the positions whose (shifted) label is not -100 go through the output head, a chunk of
+  rows at a time (:class:`LinearCrossEntropy`). Prompt tokens get no logits at all, which on chat
+  data is most of each row. Each chunk's gradient is computed right away in the forward pass
+  (the loss is a scalar: its gradient is known up to one factor), so nothing of size vocab is
+  kept for backward: only the input gradient of the selected rows, (answers × hidden).
+- The result equals ``model(**batch).loss`` (HF: logits in the model's dtype, upcast to fp32,
+  mean over targets), padded or packed, tied or untied head. Architectures whose head does
+  more than a linear map (logit soft-capping, logit scaling), an adapted or quantised head, a
+  head with forward hooks, or an unknown architecture take the plain path.
+- **Offloading.** With ``offload=True`` the tensors autograd saves for backward (big ones, not
+  weights) are copied to pinned CPU memory and brought back when backward needs them. With
+  gradient checkpointing, those are only each layer's inputs.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
+from torch import nn
+
+IGNORE = -100
+
+# Causal LMs whose forward is `lm_head(backbone(...).last_hidden_state)` then the shifted mean CE.
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "phi3", "olmo", "olmo2",
+                         "starcoder2", "smollm3"})
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-class CausalLMLoss(torch.nn.Module):
-    """Mean next-token cross-entropy over the tokens whose label is not -100."""
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over the tokens whose label is not -100.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    Args:
+        model: a transformers causal LM (with adapters).
+        chunked: compute head + loss in chunks over the answer tokens only (when the architecture
+            allows it; else the model's own loss).
+        chunk: rows per chunk (None: about 128 MiB of fp32 logits per chunk).
+        offload: keep saved activations in CPU memory between forward and backward (CUDA only).
+    """
+
+    def __init__(self, model: nn.Module, chunked: bool = True, chunk: int | None = None,
+                 offload: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.chunked, self.chunk, self.offload = chunked, chunk, offload
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return self.model(**batch, use_cache=False).loss
+        context = offloaded(self.model) if self.offload else nullcontext()
+        with context:
+            parts = split_head(self.model) if self.chunked and "labels" in batch else None
+            if parts is None:
+                return self.model(**batch, use_cache=False).loss
+            backbone, head = parts
+            labels = batch.pop("labels")
+            hidden = backbone(**batch, use_cache=False)[0]  # (B, T, d)
+            targets = labels[:, 1:]  # the token each position predicts
+            keep = targets != IGNORE  # (B, T-1)
+            rows = hidden[:, :-1][keep]  # (n, d): only the positions that are scored
+            chunk = self.chunk or default_chunk(head.weight.shape[0])
+            weight, bias = head.weight, head.bias
+            device = rows.device.type
+            if torch.is_autocast_enabled(device):  # the head's matmul in the autocast dtype, as autocast does
+                dtype = torch.get_autocast_dtype(device)
+                rows, weight = rows.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return LinearCrossEntropy.apply(rows, weight, bias, targets[keep], chunk)
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """``(backbone, head)`` when the model's logits are exactly ``head(backbone(...)[0])``, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS):
+        return None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(backbone, nn.Module) or type(head) is not nn.Linear:  # an adapted head: plain path
+        return None
+    if head._forward_hooks or head._forward_pre_hooks:  # someone watches the logits: let the head run
+        return None
+    return backbone, head
+
+
+def default_chunk(vocab: int) -> int:
+    """Rows per chunk so one chunk's fp32 logits take about 128 MiB (a multiple of 64, at least 64)."""
+    return max(64, (2**25 // vocab) // 64 * 64)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``mean_i CE(h_i Wᵀ + b, t_i)`` over rows ``h`` (n, d), in chunks of rows.
+
+    Per chunk: ``z = h Wᵀ + b`` in the model's dtype, upcast to fp32; ``loss += Σ (lse(z) − z_t)``;
+    ``G = (softmax(z) − onehot(t)) / n``; then ``dh = G W``, ``dW += Gᵀ h``, ``db += Σ G`` (the
+    last two only when W, b need gradients). Backward multiplies the kept sums by the incoming
+    gradient. Holds between passes: ``dh`` (n, d), never anything of size vocab.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk: int):
+        n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, n, chunk):
+            hc, tc = h[start:start + chunk], targets[start:start + chunk]
+            z = torch.nn.functional.linear(hc, weight, bias).float()  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            z.sub_(lse[:, None]).exp_()  # softmax, in place
+            z[torch.arange(len(tc), device=z.device), tc] -= 1.0
+            g = z.div_(n).to(h.dtype)  # (c, V): d(mean loss)/dz
+            if need_h:
+                torch.mm(g, weight.to(g.dtype), out=grad_h[start:start + chunk])
+            if need_w:
+                grad_w += (g.T @ hc).float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        dh = None if grad_h is None else grad_h * grad_out.to(h_dtype)
+        dw = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+        db = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
+        return dh, dw, db, None, None
+
+
+@contextmanager
+def offloaded(model: nn.Module, min_bytes: int = 1 << 20):
+    """Saved-for-backward tensors of at least ``min_bytes`` go to pinned CPU memory until backward.
+
+    Weights (any tensor sharing a parameter's storage) and tensors already on the CPU stay where
+    they are.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor):
+        if (t.device.type == "cpu" or t.numel() * t.element_size() < min_bytes
+                or t.untyped_storage().data_ptr() in weights):
+            return t
+        cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+        cpu.copy_(t, non_blocking=True)
+        return t.device, cpu
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, cpu = packed
+        return cpu.to(device, non_blocking=True)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

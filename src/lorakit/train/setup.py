@@ -9,6 +9,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, save_config
+from lorakit.train.distributed import Dist, accumulation, global_batch_note, start
 from lorakit.train.loop import Run
 
 # Sections whose change makes a checkpoint unusable, and the keys that may change on resume.
@@ -44,14 +45,27 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
     Returns:
         The :class:`Run` and the checkpoint it resumes from (None for a fresh run).
     """
+    device = resolve_device(config.train.device)
+    dist, device = start(config.train.distributed, config.train.dist_timeout, device)
+    try:
+        return _build(config, dist, device, quiet or not dist.is_main)
+    except BaseException:
+        dist.close()
+        raise
+
+
+def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> tuple[Run, Path | None]:
     from lorakit.data.pipeline import load_data
     from lorakit.inject import add_adapter, trainable_parameters
-    from lorakit.models import load_model, load_tokenizer
+    from lorakit.models import load_model, load_tokenizer, resolve
 
     from lorakit.train.progress import check_reporters
 
     say = (lambda *a: None) if quiet else print
     check_reporters(config.train.report_to)
+    if dist.enabled and dist.strategy == "fsdp" and config.adapter.quantized:
+        raise LorakitError("train.distributed: fsdp does not shard an NF4 (qlora) base yet; use ddp, or "
+                           "method: lora with fsdp")
     output = Path(config.output)
     resume_from = ckpt.find_resume(config.resume, output) if config.resume else None
     if config.resume == "auto" and resume_from is None:
@@ -59,25 +73,30 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
     elif resume_from is None and ckpt.list_checkpoints(output / "checkpoints"):
         raise LorakitError(f"{output} already holds checkpoints of a run; continue it with resume=auto "
                            f"(--resume auto), or choose another output folder")
-    device = resolve_device(config.train.device)
     dtype = resolve_dtype(config.train.dtype, device)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(config, output / "config.yaml")
+    if dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(config, output / "config.yaml")
 
-    tokenizer = load_tokenizer(config.model)
-    splits = load_data(config.data, tokenizer)
+    with dist.main_first():  # process 0 fills the caches (converted model, tokenised data) first
+        resolve(config.model)
+        tokenizer = load_tokenizer(config.model)
+        splits = load_data(config.data, tokenizer)
     for report in splits.reports:
         for line in report.summary():
             say(line)
-    model = load_model(config.model, dtype=dtype, device=device)
+    # FSDP shards the base from the CPU onto each device: no device ever holds the whole base.
+    sharded = dist.enabled and dist.strategy == "fsdp"
+    model = load_model(config.model, dtype=dtype, device=torch.device("cpu") if sharded else device)
     if config.adapter.quantized:
         from lorakit.adapters.quant import quantize_model
 
         quantize_model(model, compute_dtype=dtype)
     torch.manual_seed(config.train.seed)
-    targets = resolve_targets(config, say)
+    with dist.main_first():  # the Spectrum scan is cached per model
+        targets = resolve_targets(config, say)
     if resume_from is not None:
-        _check_compatible(config, resume_from)
+        _check_compatible(config, resume_from, print if dist.is_main else say)  # a warning even when quiet
     if config.adapter.method == "spectrum":
         from lorakit.spectrum import freeze_for_spectrum, load_spectrum, mark_spectrum
 
@@ -97,18 +116,33 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    run = Run(config, model, tokenizer, splits, device, dtype)
+    if config.train.offload_activations and device.type != "cuda":
+        say(f"train.offload_activations: only acts on CUDA GPUs; ignored on {device.type}")
+    if config.train.compile:
+        compile_blocks(model)
+    keep = _kept_global_batch(resume_from, config, dist.world) if resume_from is not None else None
+    accum, note = accumulation(config.train.batch_size, config.train.grad_accum, config.train.global_batch,
+                               dist.world, keep)
+    if note:
+        say(note)
+    run = Run(config, model, tokenizer, splits, device, dtype, dist=dist, accum=accum)
     if resume_from is not None:
         state, rng = ckpt.load_checkpoint(resume_from, run.optimizer)
-        state.config = config.to_dict()
+        if state.global_batch and state.global_batch != run.global_batch:
+            say(f"resume: the checkpoint was trained with a global batch of {state.global_batch} rows, this run "
+                f"uses {run.global_batch}: the batches from here on differ from an uninterrupted run")
+        state.config, state.global_batch, state.world_size = config.to_dict(), run.global_batch, dist.world
         run.state = state
         ckpt.set_rng_state(rng)
         if state.step >= run.total:
             say(f"the checkpoint is at step {state.step} of {run.total}: nothing left to train")
+    if dist.rank > 0:  # own dropout masks per process; process 0 keeps the stream a checkpoint stores
+        torch.manual_seed(hash((config.train.seed, dist.rank, run.state.step)) % 2**62)
     trainable, total = trainable_parameters(model)
     eval_rows = len(splits.eval) if splits.eval is not None else 0
     say(f"{config.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
         f"{len(splits.train):,} train rows, {eval_rows:,} eval rows; {run.total} steps on {device} ({dtype})")
+    say(global_batch_note(config.train.batch_size, run.accum, dist.world, dist.strategy))
     return run, resume_from
 
 
@@ -133,7 +167,30 @@ def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
     return modules
 
 
-def _check_compatible(config: RunConfig, checkpoint: Path) -> None:
+def _kept_global_batch(checkpoint: Path, config: RunConfig, world: int) -> int | None:
+    """The checkpoint's global batch when only the number of processes changed (so it can be kept)."""
+    import json
+
+    state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
+    saved = state.get("config", {}).get("train", {})
+    same = all(saved.get(k) == getattr(config.train, k) for k in ("batch_size", "grad_accum", "global_batch"))
+    return (state.get("global_batch") or None) if same and state.get("world_size", 1) != world else None
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` each transformer block in place (state-dict keys unchanged); returns how many.
+
+    Blocks are the model's ``_no_split_modules`` classes (transformers' decoder layers); a model
+    without them is compiled whole. Shapes vary from batch to batch, so dynamic shapes are on.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks or [model]:
+        block.compile(dynamic=True)
+    return len(blocks) or 1
+
+
+def _check_compatible(config: RunConfig, checkpoint: Path, say=print) -> None:
     import json
 
     saved = json.loads((checkpoint / ckpt.STATE_FILE).read_text()).get("config", {})
@@ -145,5 +202,5 @@ def _check_compatible(config: RunConfig, checkpoint: Path) -> None:
     changed = [f"{s}.{k}" for s in ("data", "train") if isinstance(saved.get(s), dict)
                for k in now[s] if saved[s].get(k) != now[s][k]]
     if changed:
-        print(f"resume: settings changed since the checkpoint ({', '.join(changed)}); the run continues, "
-              "but is no longer an exact continuation")
+        say(f"resume: settings changed since the checkpoint ({', '.join(changed)}); the run continues, "
+            "but is no longer an exact continuation")
