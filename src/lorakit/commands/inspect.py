@@ -2,6 +2,10 @@
 
 Ranks, alpha, targets, variant, parameter count, file size, base model, and whether vLLM's
 default ``--max-lora-rank`` (16) accepts it. Multi-adapter folders list each adapter.
+
+``--for vllm|lorax`` checks what that server needs (rank limit, no DoRA / ``modules_to_save`` /
+trained biases for vLLM, known target modules for LoRAX) and exits 1 when the adapter would be
+refused or do nothing there.
 """
 
 from __future__ import annotations
@@ -12,20 +16,65 @@ from pathlib import Path
 from typing import Any
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for ``--max-lora-rank``."""
+LORAX_MODULES = frozenset({  # LoRAX's documented target modules over its architectures
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "qkv_proj",
+    "gate_up_proj", "dense", "fc1", "fc2", "c_attn", "c_proj", "c_fc", "w1", "w2", "Wqkv", "out_proj",
+    "query_key_value", "dense_h_to_4h", "dense_4h_to_h"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="an adapter folder (PEFT format)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--for", dest="server", choices=("vllm", "lorax"),
+                        help="check that this server can load the adapter as is (exit 1 if not)")
 
 
 def run(args: argparse.Namespace) -> int:
     reports = inspect_folder(Path(args.folder))
+    if args.server:
+        for report in reports:
+            report["serving"] = serving_check(report, args.server)
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     else:
         print("\n\n".join(_format(r) for r in reports))
-    return 0
+    return 1 if any(r.get("serving", {}).get("problems") for r in reports) else 0
+
+
+def serving_check(report: dict[str, Any], server: str) -> dict[str, Any]:
+    """What stops ``server`` (``vllm`` or ``lorax``) from serving the adapter as is, and what to pass it.
+
+    Returns:
+        ``{"server", "ok", "problems", "notes"}``: problems make the server refuse the adapter
+        (or ignore all of it); notes are flags to set or parts it will skip.
+    """
+    problems, notes = [], []
+    max_rank = max(report["ranks"], default=0)
+    if server == "vllm":
+        if max_rank > VLLM_MAX_LORA_RANKS[-1]:
+            problems.append(f"rank {max_rank} is above vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}")
+        elif max_rank > VLLM_DEFAULT_MAX_LORA_RANK:
+            needed = next(r for r in VLLM_MAX_LORA_RANKS if r >= max_rank)
+            notes.append(f"start vLLM with --max-lora-rank {needed} (default {VLLM_DEFAULT_MAX_LORA_RANK})")
+        if report["variant"].endswith("DoRA"):
+            problems.append("vLLM does not serve DoRA adapters: merge it (lorakit merge) and serve the merged model")
+        if report["modules_to_save"]:
+            problems.append(f"vLLM refuses modules_to_save ({', '.join(report['modules_to_save'])}): merge instead")
+        if report.get("bias", "none") != "none" or report.get("lora_bias"):
+            problems.append("trained biases: vLLM refuses them (or needs --enable-lora-bias); train with bias: none")
+    else:
+        unknown = [t for t in report["targets"] if t not in LORAX_MODULES]
+        if unknown and len(unknown) == len(report["targets"]):
+            problems.append(f"LoRAX supports none of the adapted modules ({', '.join(unknown)}): it would ignore them all")
+        elif unknown:
+            notes.append(f"LoRAX ignores modules it does not support ({', '.join(unknown)}), with a warning")
+        if report["modules_to_save"]:
+            notes.append("modules_to_save may be ignored by LoRAX: merge to be safe")
+        if report["variant"].endswith("DoRA"):
+            notes.append("DoRA: check that your LoRAX version serves it, or merge")
+    return {"server": server, "ok": not problems, "problems": problems, "notes": notes}
 
 
 def inspect_folder(folder: Path) -> list[dict[str, Any]]:
@@ -79,6 +128,8 @@ def inspect_adapter(name: str, folder: Path) -> dict[str, Any]:
         "targets": module_types,
         "adapted_modules": len(modules),
         "modules_to_save": config.modules_to_save or [],
+        "bias": config.bias,
+        "lora_bias": bool(getattr(config, "lora_bias", False)),
         "parameters": sum(_numel(s) for s in shapes.values()),
         "file_bytes": path.stat().st_size,
         "base_model": config.base_model_name_or_path,
@@ -121,6 +172,10 @@ def _format(report: dict[str, Any]) -> str:
         ("base model", report["base_model"] or "(not recorded)"),
         ("vLLM", report["vllm_note"]),
     ]
+    if "serving" in report:
+        check = report["serving"]
+        verdict = "ok" if check["ok"] else "NOT servable as is: " + "; ".join(check["problems"])
+        rows.append((f"--for {check['server']}", "; ".join([verdict, *check["notes"]])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
