@@ -26,24 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
-
-def peak_allocated(prof) -> int:
-    """Peak bytes the CPU allocator held during a profile, above what was live before it."""
-    from torch._C._profiler import _EventType
-
-    events: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    return int(np.cumsum([size for _, size in sorted(events)]).max())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from memory_probe import peak_allocated  # noqa: E402  (the memory tests' measure)
 
 
 def build(vocab: int, hidden: int, layers: int):

@@ -15,7 +15,7 @@ nothing. What is notable here, against PEFT's implementation:
   with ``‖W‖²_row`` cached while W is unchanged (keyed by the tensor's version counter).
 - The whole layer (base product, dropout, low-rank path, rescale) is one autograd op,
   :class:`_DoraLinear`. It saves the input ``x`` (one tensor for q, k and v, which read the same
-  input), the dropout mask as bools, the rank-r ``h`` and its *output* ``c ⊙ u`` for the
+  input), the dropout mask (a byte per element), the rank-r ``h`` and its *output* ``c ⊙ u`` for the
   magnitude gradient (``u = out / c``); where a later op keeps that output anyway (SiLU, the MLP
   product), DoRA adds nothing for it. No dropped-out copy of ``x`` and no separate ``W x`` is
   kept: on ``benchmarks/dora_qlora.py dora`` the activations went from 383 to 305 MiB against
@@ -33,6 +33,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from lorakit.adapters.fused import dropout_mask, keep_scale
 
 if TYPE_CHECKING:
     from lorakit.adapters.lora import LoraLinear
@@ -83,27 +85,6 @@ def _weight_norm_sq(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
 
 def _out_in(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
     return weight.T if layer.fan_in_fan_out else weight
-
-
-_LEVELS = 1 << 16  # dropout probabilities resolve to multiples of 1/65536
-
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask of dropout probability ``p`` for ``x``: bool, True where the element is kept.
-
-    Uniform 16-bit integers, four from each random 64-bit word, against a threshold: on CPU about
-    4x faster than ``bernoulli_`` (which took 12 % of a DoRA training step on the benchmark). ``p`` is resolved to
-    a multiple of 1/65536; :func:`keep_scale` is the matching ``1/(1-p)``. (The same scheme as
-    :func:`lorakit.adapters.fused.dropout_mask`, kept here so DoRA does not depend on that module.)
-    """
-    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-    uniform = words.view(torch.int16)[: x.numel()].view(x.shape)  # each in [-32768, 32767]
-    return uniform >= round(p * _LEVELS) - _LEVELS // 2
-
-
-def keep_scale(p: float) -> float:
-    """``1 / (1 − p)`` for the drop probability :func:`dropout_mask` really uses."""
-    return _LEVELS / (_LEVELS - round(p * _LEVELS))
 
 
 class _DoraLinear(torch.autograd.Function):
