@@ -19,18 +19,28 @@ from lorakit.estimate import GIB, Setup, estimate, inventory, nf4_bytes, parse_s
 
 def measured_step(config, s: Setup) -> dict[str, int]:
     """Run two fp32 training steps on CPU; return bytes of weights, optimizer state and the
-    peak of the second (steady-state) step: everything live before it plus the allocator's peak."""
+    peak of the second (steady-state) step: everything live before it plus the allocator's peak.
+
+    ``s.engine == "peft"``: PEFT's adapter layers and the model's own loss; ``"lorakit"``: lorakit's
+    adapter layers and the objective ``lorakit train`` calls (:class:`CausalLMLoss`)."""
     from torch.profiler import ProfilerActivity, profile
 
     from lorakit.spectrum import freeze_for_spectrum, module_type
+    from lorakit.train.loss import CausalLMLoss
 
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
-    if s.method in ("lora", "dora"):
+    if s.method in ("lora", "dora") and s.engine == "peft":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=s.rank, lora_alpha=16, lora_dropout=s.dropout,
                                                  target_modules="all-linear", use_dora=s.method == "dora"))
+    elif s.method in ("lora", "dora"):
+        from lorakit import LoraConfig
+        from lorakit.inject import add_adapter
+
+        add_adapter(model, LoraConfig(r=s.rank, lora_alpha=16, lora_dropout=s.dropout, target_modules="all-linear",
+                                      use_dora=s.method == "dora"))
     if s.method == "spectrum":
         groups: dict[str, list[str]] = {}
         for name, p in model.named_parameters():
@@ -43,8 +53,10 @@ def measured_step(config, s: Setup) -> dict[str, int]:
     ids = torch.randint(0, config.vocab_size, (s.batch, s.seq), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    objective = CausalLMLoss(model, chunked=s.engine == "lorakit")
+
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = objective(input_ids=ids, labels=ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,24 +75,36 @@ def llama(**kw) -> tf.LlamaConfig:
     return tf.LlamaConfig(**{**base, **kw})
 
 
-CASES = [  # (id, config, setup): tiny-to-small, every method we can run on CPU, with and without checkpointing
-    ("full", llama(), Setup("full", batch=2, seq=64, dtype="fp32")),
-    ("full-ckpt", llama(), Setup("full", batch=2, seq=64, dtype="fp32", checkpointing=True)),
-    ("full-vocab4k", llama(vocab_size=4000), Setup("full", batch=2, seq=64, dtype="fp32")),
-    ("lora-r8", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32")),
-    ("lora-dropout", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32", dropout=0.1)),
+CASES = [  # (id, config, setup): tiny-to-small, every method we can run on CPU, with and without checkpointing;
+    # engine peft: PEFT's layers + the model's own loss; engine lorakit: what `lorakit train` runs
+    ("full", llama(), Setup("full", batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("full-ckpt", llama(), Setup("full", batch=2, seq=64, dtype="fp32", engine="peft", checkpointing=True)),
+    ("full-vocab4k", llama(vocab_size=4000), Setup("full", batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("lora-r8", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("lora-dropout", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32", engine="peft", dropout=0.1)),
     ("qwen2-lora-bias", tf.Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2),
-     Setup("lora", rank=16, batch=4, seq=64, dtype="fp32", dropout=0.05)),
+     Setup("lora", rank=16, batch=4, seq=64, dtype="fp32", engine="peft", dropout=0.05)),
     ("mistral-lora-ckpt", tf.MistralConfig(vocab_size=1000, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
                                            num_attention_heads=6, num_key_value_heads=2),
-     Setup("lora", rank=8, batch=2, seq=128, dtype="fp32", checkpointing=True)),
-    ("dora", llama(), Setup("dora", rank=8, batch=2, seq=64, dtype="fp32")),
-    ("spectrum-50", llama(num_hidden_layers=4), Setup("spectrum", top=50, batch=2, seq=64, dtype="fp32")),
+     Setup("lora", rank=8, batch=2, seq=128, dtype="fp32", engine="peft", checkpointing=True)),
+    ("dora", llama(), Setup("dora", rank=8, batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("spectrum-50", llama(num_hidden_layers=4), Setup("spectrum", top=50, batch=2, seq=64, dtype="fp32", engine="peft")),
     ("spectrum-no-emb", llama(num_hidden_layers=4),
-     Setup("spectrum", top=25, batch=2, seq=64, dtype="fp32", spectrum_embeddings=False)),
+     Setup("spectrum", top=25, batch=2, seq=64, dtype="fp32", engine="peft", spectrum_embeddings=False)),
     ("small-lora-seq256", llama(num_hidden_layers=4, hidden_size=256, intermediate_size=512, vocab_size=2000),
-     Setup("lora", batch=1, seq=256, dtype="fp32")),
+     Setup("lora", batch=1, seq=256, dtype="fp32", engine="peft")),
+    ("lorakit-lora-r8", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32")),
+    ("lorakit-lora-dropout", llama(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32", dropout=0.1)),
+    ("lorakit-qwen2", tf.Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2),
+     Setup("lora", rank=16, batch=4, seq=64, dtype="fp32", dropout=0.05)),
+    ("lorakit-mistral-ckpt", tf.MistralConfig(vocab_size=1000, hidden_size=192, intermediate_size=512,
+                                              num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2),
+     Setup("lora", rank=8, batch=2, seq=128, dtype="fp32", checkpointing=True)),
+    ("lorakit-dora-dropout", llama(), Setup("dora", rank=8, batch=2, seq=64, dtype="fp32", dropout=0.1)),
+    ("lorakit-spectrum-50", llama(num_hidden_layers=4), Setup("spectrum", top=50, batch=2, seq=64, dtype="fp32")),
+    ("lorakit-vocab32k", llama(vocab_size=32000), Setup("lora", rank=8, batch=2, seq=256, dtype="fp32", dropout=0.05)),
 ]
 
 
@@ -151,14 +175,14 @@ def test_published_anchors():
 
 def test_suggestions_keep_the_effective_batch_and_fit():
     config = llama(num_hidden_layers=4, vocab_size=32000)
-    setup = Setup("lora", batch=16, seq=1024)
+    setup = Setup("lora", batch=16, seq=1024, engine="peft")  # full logits: memory scales with the batch
     plan = estimate(config, setup)
     budget = plan.total // 3
     options = suggest(config, setup, budget)
     assert options and all(e.total <= budget for _, e in options)
     batch = [e for label, e in options if label.startswith("--batch")]
     assert batch and batch[0].setup.batch * batch[0].setup.grad_accum == 16
-    ckpt = estimate(config, Setup("lora", batch=16, seq=1024, checkpointing=True))
+    ckpt = estimate(config, Setup("lora", batch=16, seq=1024, checkpointing=True, engine="peft"))
     assert ckpt.activations < plan.activations  # checkpointing helps activations only
 
 

@@ -26,6 +26,9 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 METHODS = ("full", "lora", "qlora", "dora", "spectrum")
+ENGINES = ("lorakit", "peft")
+# Adapted layers whose output a later op keeps anyway (the activation or the gate product reads it).
+_OUTPUT_KEPT = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1 << 30
 # GPUs people name on the command line -> GiB (a "24 GB" card has 24 GiB).
@@ -91,6 +94,10 @@ class Setup:
     """Spectrum: percentage of matrices trained per module type."""
     spectrum_embeddings: bool = True
     """Spectrum: also train the embeddings and output head (the reference does)."""
+    engine: str = "lorakit"
+    """``lorakit``: the step as ``lorakit train`` runs it (fused adapter layers that keep the input
+    once and a byte mask; the loss over answer tokens in chunks, no full logits). ``peft``: PEFT's
+    adapter layers and the model's own loss (full fp32 logits)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -103,6 +110,8 @@ class Setup:
                 raise LorakitError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected a positive integer")
         if not 0.0 <= self.top <= 100.0:
             raise LorakitError(f"--top {self.top}: expected a percentage between 0 and 100")
+        if self.engine not in ENGINES:
+            raise LorakitError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if not 0.0 <= self.dropout < 1.0:
             raise LorakitError(f"--dropout {self.dropout}: expected a value in [0, 1)")
         if isinstance(self.targets, list):
@@ -281,15 +290,31 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
         b += c * i if keeps_input("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2") else 0
         for lin in (x for x in lins if x.name in adapted_names):
             a = DTYPE_BYTES[s.adapter_dtype]
-            if s.dropout > 0 or a != c:
-                b += a * lin.fan_in                          # its own cast / dropped-out input
-            b += lin.fan_in if s.dropout > 0 else 0          # dropout mask (bool)
+            b += lin.fan_in if s.dropout > 0 else 0          # dropout mask (a byte per element)
             b += a * s.rank                                  # A x, kept for B's gradient
-            b += 2 * c * lin.fan_out if s.method == "dora" else 0  # W x and s·B A x for the magnitude
+            if s.engine == "peft":
+                if s.dropout > 0 or a != c:
+                    b += a * lin.fan_in                      # its own cast / dropped-out input
+                b += 2 * c * lin.fan_out if s.method == "dora" else 0  # W x and s·B A x for the magnitude
+            elif s.method == "dora" and lin.name.rsplit(".", 1)[-1] not in _OUTPUT_KEPT:
+                b += c * lin.fan_out                         # its output, for the magnitude gradient
         per_layer[n] = b
     if s.method in ("lora", "qlora", "dora") or (s.method == "spectrum" and not s.spectrum_embeddings):
         per_layer[0] -= 4 * h + 4                            # frozen embeddings: layer 0's input needs no grad
     return sum(per_layer.values()), max(per_layer.values())
+
+
+def _chunked_loss(config: Any, s: Setup) -> bool:
+    """Whether the step's loss is lorakit's chunked one (full fine-tuning is planned with the plain loss)."""
+    from lorakit.train.loss import plain_head
+
+    return s.engine == "lorakit" and s.method != "full" and plain_head(config)
+
+
+def _default_chunk(vocab: int) -> int:
+    from lorakit.train.loss import default_chunk
+
+    return default_chunk(vocab)
 
 
 def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None = None) -> Estimate:
@@ -342,8 +367,19 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     final += c * h if embeddings_train else 0                         # its output, for the head's gradient
     rope = 2 * s.seq * d["head_dim"] * 4 // max(tokens, 1)           # cos/sin, shared by the batch
     kept_layers = L * c * h if s.checkpointing else layers_all
-    saved = tokens * (kept_layers + final + 4 * V + rope)             # log-softmax output is kept (fp32)
-    logits_tmp = tokens * V * (8 + (c if c != 4 else 0))              # its gradient and the logits' gradient
+    chunked = _chunked_loss(config, s)
+    rows = min(tokens, _default_chunk(V)) if chunked else 0
+    if chunked:
+        # lorakit's loss: head + cross-entropy per chunk of rows, the input gradient computed in forward.
+        # Kept for backward: that gradient (tokens × hidden) and, when the head trains, its fp32 gradient.
+        head_grad = 4 * V * h if embeddings_train else 0
+        saved = tokens * (kept_layers + final + c * h + rope) + head_grad
+        logits_tmp = tokens * c * h + rows * V * (8 + (2 * c if c != 4 else 0))  # the scored rows; one chunk
+        kept_logits = tokens * c * h + head_grad
+    else:
+        saved = tokens * (kept_layers + final + 4 * V + rope)         # log-softmax output is kept (fp32)
+        logits_tmp = tokens * V * (8 + (c if c != 4 else 0))          # its gradient and the logits' gradient
+        kept_logits = tokens * 4 * V
     dequant = 2 * max((lin.fan_in * lin.fan_out for lin in inv.linears), default=0) * c if s.method == "qlora" else 0
     recompute = tokens * layer_max                                    # the first layer, recomputed or kept
     held_grads = grads if s.grad_accum > 1 else 0
@@ -355,13 +391,13 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     temporaries = tokens * 2 * c * d["intermediate"]
     phase2 = grads - late + recompute + temporaries + (tokens * L * c * h if s.checkpointing else 0)
     if phase1 >= phase2:
-        act, logits, g, at = saved - tokens * 4 * V + dequant, tokens * 4 * V + logits_tmp, held_grads, "start of backward"
+        act, logits, g, at = saved - kept_logits + dequant, kept_logits + logits_tmp, held_grads, "start of backward"
     else:
         act, logits, g, at = phase2 - (grads - late) + dequant, 0, grads - late, "end of backward"
     return Estimate(s, inv.params, trainable + adapter_params, weights, adapters, g, optimizer, act, logits, at,
                     detail={"gradients_total": grads, "master_fp32": master, "activations_saved": saved,
                             "adapter_params": adapter_params, "trainable_base_params": trainable,
-                            "adapted_modules": len(adapted), "spectrum_matrices": len(trained) if s.method == "spectrum" else 0})
+                            "adapted_modules": len(adapted), "loss_chunk_rows": rows, "spectrum_matrices": len(trained) if s.method == "spectrum" else 0})
 
 
 def suggest(config: Any, setup: Setup, budget: int, *, inv: Inventory | None = None) -> list[tuple[str, Estimate]]:

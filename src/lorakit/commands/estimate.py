@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0; >0 keeps more activations)")
+    parser.add_argument("--engine", default="lorakit", choices=("lorakit", "peft"),
+                        help="plan the step as lorakit train runs it (fused adapter layers, chunked loss; default) "
+                             "or as PEFT + the model's own loss run it (full logits)")
     parser.add_argument("--top", type=float, default=25.0, help="Spectrum: percentage selected per module type")
     parser.add_argument("--spectrum-no-embeddings", action="store_true",
                         help="Spectrum: keep embeddings and output head frozen (the reference trains them)")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     targets: Any = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(",") if t.strip())
     setup = Setup(method=args.method, rank=args.rank, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                   dtype=args.dtype, adapter_dtype=args.adapter_dtype, checkpointing=args.checkpointing,
-                  targets=targets, dropout=args.dropout, top=args.top,
+                  targets=targets, dropout=args.dropout, top=args.top, engine=args.engine,
                   spectrum_embeddings=not args.spectrum_no_embeddings)
     config = load_config(args.model)
     inv = inventory(config)
@@ -85,8 +88,16 @@ def _describe(inv: Any, plan: Any) -> list[tuple[str, int, str]]:
     return [("weights", plan.weights, base), ("adapters", plan.adapters, adapters),
             ("gradients", plan.gradients, grads), ("optimizer state", plan.optimizer, f"{opt}; {trainable}"),
             ("activations", plan.activations, act),
-            ("logits & loss", plan.logits, f"vocab {inv.dims['vocab']:,} × {tokens:,} tokens, fp32 log-softmax + gradients"
-             if plan.logits else "freed by then")]
+            ("logits & loss", plan.logits, _loss_note(inv, plan, tokens))]
+
+
+def _loss_note(inv: Any, plan: Any, tokens: int) -> str:
+    if not plan.logits:
+        return "freed by then"
+    rows = plan.detail.get("loss_chunk_rows")
+    if rows:
+        return f"chunked: {rows:,} rows × vocab {inv.dims['vocab']:,} at a time; {tokens:,} tokens' input gradients"
+    return f"vocab {inv.dims['vocab']:,} × {tokens:,} tokens, fp32 log-softmax + gradients"
 
 
 def _render(model: str, inv: Any, plan: Any, gpu: int | None, fits: bool | None, options: list) -> str:
@@ -100,7 +111,7 @@ def _render(model: str, inv: Any, plan: Any, gpu: int | None, fits: bool | None,
              + (f" top {s.top:g}%" if s.method == "spectrum" else "")
              + f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
              + f" · {s.dtype} · checkpointing {'on' if s.checkpointing else 'off'}"
-             + (f" · dropout {s.dropout:g}" if s.dropout else ""), ""]
+             + (f" · dropout {s.dropout:g}" if s.dropout else "") + f" · as {s.engine} runs it", ""]
     for name, value, note in _describe(inv, plan):
         lines.append(f"  {name:<16}{_gib(value)}   {note}")
     lines.append("  " + "─" * 30)

@@ -75,12 +75,17 @@ class CausalLMLoss(nn.Module):
                 return LinearCrossEntropy.apply(rows, weight, bias, targets[keep], chunk)
 
 
+def plain_head(config: object) -> bool:
+    """Whether this architecture's logits are a plain linear map of the last hidden state
+    (so the chunked loss can replace the model's own; also used by the memory planner)."""
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD:
+        return False
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _HEAD_EXTRAS)
+
+
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """``(backbone, head)`` when the model's logits are exactly ``head(backbone(...)[0])``, else None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD:
-        return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS):
+    if not plain_head(getattr(model, "config", None)):
         return None
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
