@@ -217,3 +217,28 @@ def test_fused_over_an_nf4_base_equals_plain_path(dropout, monkeypatch):
     want = _run(layer, x, seed=0)
     _close(got, want, torch.float32)
     assert got[2].abs().sum() > 0 and got[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.05, 0.25])
+def test_dropped_positions_are_a_bernoulli_process(p):
+    torch.manual_seed(0)
+    n = 400_000
+    pos = fused.bernoulli_positions(n, p)
+    assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all()) and 0 <= int(pos[0]) and int(pos[-1]) < n
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(len(pos) - n * p) < 4 * sigma  # the count is Binomial(n, p)
+    halves = torch.bincount((pos >= n // 2).long(), minlength=2)
+    assert abs(int(halves[0]) - int(halves[1])) < 4 * (2 * sigma)  # no drift along the tensor
+    gaps = (pos[1:] - pos[:-1] - 1).double()  # failures between successes: geometric, mean (1-p)/p
+    assert abs(gaps.mean().item() - (1 - p) / p) < 4 * ((1 - p) ** 0.5 / p) / len(gaps) ** 0.5
+    assert abs((gaps == 0).double().mean().item() - p) < 0.01  # P(G = 0) = p
+    for tiny in (1, 3, 17):  # short tensors: every position in range, sometimes none
+        assert all(0 <= int(i) < tiny for i in fused.bernoulli_positions(tiny, p))
+
+
+def test_both_mask_regimes_keep_the_right_share():
+    torch.manual_seed(0)
+    for p in (0.25, 0.2500001, 0.6):  # either side of the switch to 16-bit uniforms
+        mask = fused.dropout_mask(torch.empty(500, 1000), p)
+        assert abs(mask.float().mean().item() - (1 - p)) < 3e-3
+        assert fused.keep_scale(p) * (1 - p) == pytest.approx(1.0, abs=2e-5)

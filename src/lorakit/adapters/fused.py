@@ -26,29 +26,59 @@ same mask from the same seed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-_LEVELS = 1 << 16  # dropout probabilities are resolved to 1/65536
+_LEVELS = 1 << 16  # above _SPARSE_MAX, dropout probabilities are resolved to 1/65536
+_SPARSE_MAX = 0.25  # up to this drop probability, the dropped positions are drawn directly
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Keep-mask of dropout probability ``p`` for ``x``: uint8, 1 where the element is kept, 0 where
     dropped (multiplying by a uint8 mask is about twice as fast on CPU as by a bool one).
 
-    Drawn as uniform 16-bit integers, four from each random 64-bit word, compared with a
-    threshold: several times faster on CPU than ``bernoulli_``. The drop probability is ``p``
-    rounded to a multiple of 1/65536 (0.05 → 0.0500031); :func:`keep_scale` rescales by exactly
-    the matching keep probability, so the branch stays unbiased.
+    For ``p ≤ 0.25`` (LoRA's usual 0.05–0.1) only the dropped positions are drawn, from the
+    geometric gaps between them (:func:`bernoulli_positions`): p·n random numbers instead of n,
+    about 4× faster on CPU than one draw per element. Above that, uniform 16-bit integers, four from
+    each random 64-bit word, against a threshold (``p`` rounded to a multiple of 1/65536);
+    :func:`keep_scale` rescales by exactly the keep probability used, so the branch stays unbiased.
     """
-    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-    uniform = words.view(torch.int16)[: x.numel()].view(x.shape)  # each in [-32768, 32767]
+    n = x.numel()
+    if p <= _SPARSE_MAX:
+        mask = torch.ones(n, dtype=torch.uint8, device=x.device)
+        mask[bernoulli_positions(n, p, x.device)] = 0
+        return mask.view(x.shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform = words.view(torch.int16)[:n].view(x.shape)  # each in [-32768, 32767]
     return (uniform >= round(p * _LEVELS) - _LEVELS // 2).view(torch.uint8)
 
 
 def keep_scale(p: float) -> float:
     """``1 / (1 − p)`` for the drop probability :func:`dropout_mask` really uses."""
+    if p <= _SPARSE_MAX:
+        return 1.0 / (1.0 - p)
     return _LEVELS / (_LEVELS - round(p * _LEVELS))
+
+
+def bernoulli_positions(n: int, p: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sorted positions of the successes among ``n`` independent Bernoulli(``p``) trials (int64).
+
+    The failures before each success are geometric, ``G = ⌊log U / log(1 − p)⌋`` with U uniform
+    in (0, 1], so the positions are running sums of ``G + 1``. U is drawn in fp32: a gap is never
+    longer than ``log 2⁻²⁴ / log(1 − p)`` trials (324 at p = 0.05), a tail of probability 2⁻²⁴.
+    """
+    log_q = math.log1p(-p)
+    found, start = [], 0
+    while start < n:
+        expected = (n - start) * p
+        gaps = torch.rand(int(expected + 6 * math.sqrt(expected) + 16), device=device)
+        gaps = gaps.neg_().log1p_().div_(log_q).floor_().to(torch.int64).add_(1)  # G + 1
+        positions = gaps.cumsum_(0).add_(start - 1)
+        found.append(positions[: int(torch.searchsorted(positions, n))])  # sorted: cut, no boolean mask
+        start = int(positions[-1]) + 1
+    return torch.cat(found) if len(found) > 1 else found[0]
 
 
 class LoraLinearFn(torch.autograd.Function):
