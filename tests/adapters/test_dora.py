@@ -9,7 +9,7 @@ from peft_oracle import logits, peft_load
 
 import lorakit
 from lorakit import LoraConfig, LorakitError, add_adapter, load_adapter, save_adapter
-from lorakit.adapters import dora
+from lorakit.adapters import dora, fused
 from lorakit.adapters.lora import LoraLinear
 
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_fc"], "qwen2": ["q_proj", "v_proj", "down_proj"]}
@@ -156,7 +156,7 @@ def test_fused_op_equals_plain_reference(kind, dtype, dropout):
     got = _dora_run(layer, x, layer)
 
     def plain(x):  # the same mask from the same seed, drawn as the fused op draws it
-        mask = dora.dropout_mask(x.reshape(-1, 16), dropout).reshape(x.shape) if dropout else None
+        mask = fused.dropout_mask(x.reshape(-1, 16), dropout).reshape(x.shape) if dropout else None
         if mask is not None:
             assert 0.4 < mask.float().mean() < 0.95
         return dora.reference(layer, "d", x, mask)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.adapters.fused import dropout_mask, keep_scale
+from lorakit.adapters.fused import (add_branch_input_grad, add_branch_up, branch_down, branch_grads,
+                                    branch_input_grad, keep_scale)
 
 if TYPE_CHECKING:
     from lorakit.adapters.lora import LoraLinear
@@ -114,16 +115,9 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wx, weight, A, B, magnitude, norm, s: float, p: float, fan_in_fan_out: bool):
-        xa = x.to(A.dtype)
-        mask = dropout_mask(x, p) if p > 0 else None
-        h = (xa * mask if mask is not None else xa) @ A.T  # (N, r)
-        if mask is not None:
-            h.mul_(keep_scale(p))
+        h, mask = branch_down(x, A, p)  # (N, r)
         u = x @ (weight if fan_in_fan_out else weight.T) if wx is None else wx.clone()  # (N, out), ours
-        if u.dtype == h.dtype:
-            u.addmm_(h, B.T, alpha=s)
-        else:  # fp32 adapter over a half-precision base: the branch in fp32, then cast
-            u.add_((h @ B.T).mul_(s).to(u.dtype))
+        add_branch_up(u, h, B, s)
         scale = (magnitude / norm).to(u.dtype)  # (out,)
         keep_u = bool((scale.abs() < _TINY).any())
         out = u * scale if keep_u else u.mul_(scale)
@@ -141,29 +135,14 @@ class _DoraLinear(torch.autograd.Function):
         x, mask, h, saved, weight, A, B, scale, norm = ctx.saved_tensors
         need = ctx.needs_input_grad
         gu = g * scale  # (N, out)
-        ga = gu.to(A.dtype)
-        dB = (ga.T @ h).mul_(ctx.s) if need[4] else None  # (out, r)
-        dh = (ga @ B).mul_(ctx.s * keep_scale(ctx.p) if mask is not None else ctx.s)  # (N, r)
-        dA = None
-        if need[3]:
-            xa = x.to(A.dtype)
-            dA = dh.T @ (xa * mask if mask is not None else xa)  # (r, in)
+        dA, dB, dh = branch_grads(gu.to(A.dtype), x, mask, h, A, B, ctx.s, ctx.p, need[3], need[4])
         dx = None
         if need[0]:
             if ctx.base_outside:  # the base product has its own autograd: the LoRA part only
-                dx = dh @ A  # (N, in)
-                if mask is not None:
-                    dx.mul_(mask)
-                dx = dx.to(x.dtype)
+                dx = branch_input_grad(dh, A, mask).to(x.dtype)
             else:
                 dx = gu @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-                if mask is None and dx.dtype == dh.dtype:
-                    dx.addmm_(dh, A)  # the LoRA part added in place
-                else:
-                    lora = dh @ A
-                    if mask is not None:
-                        lora.mul_(mask)
-                    dx.add_(lora.to(dx.dtype))
+                add_branch_input_grad(dx, dh, A, mask)  # the LoRA part added in place
         dm = None
         if need[5]:  # Σ g ⊙ u, or Σ g ⊙ out = c · Σ g ⊙ u; into gu's memory once gu is used up
             prod = torch.mul(g, saved) if ctx.base_outside else torch.mul(g, saved, out=gu)

@@ -81,6 +81,55 @@ def bernoulli_positions(n: int, p: float, device: torch.device | str | None = No
     return torch.cat(found) if len(found) > 1 else found[0]
 
 
+def branch_down(x: torch.Tensor, A: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h = q · (x ⊙ m) Aᵀ`` (N, r) in A's dtype, and the keep-mask ``m`` (None without dropout)."""
+    xa = x.to(A.dtype)
+    mask = dropout_mask(x, p) if p > 0 else None
+    h = (xa * mask if mask is not None else xa) @ A.T
+    if mask is not None:
+        h.mul_(keep_scale(p))
+    return h, mask
+
+
+def add_branch_up(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> None:
+    """``y += s · h Bᵀ`` in place; an fp32 branch over a half-precision ``y`` is cast once, at the end."""
+    if y.dtype == h.dtype:
+        y.addmm_(h, B.T, alpha=s)
+    else:
+        y.add_((h @ B.T).mul_(s).to(y.dtype))
+
+
+def branch_grads(ga: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, h: torch.Tensor, A: torch.Tensor,
+                 B: torch.Tensor, s: float, p: float, need_a: bool, need_b: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``(dA, dB, dh)`` of the branch from ``ga``, the gradient of its output in A's dtype.
+
+    ``dh`` carries ``s`` and the dropout scale ``q``, ready for :func:`add_branch_input_grad`;
+    ``x ⊙ m`` is recomputed here, never kept.
+    """
+    dB = (ga.T @ h).mul_(s) if need_b else None  # (out, r)
+    dh = (ga @ B).mul_(s * keep_scale(p) if mask is not None else s)  # (N, r)
+    dA = None
+    if need_a:
+        xa = x.to(A.dtype)
+        dA = dh.T @ (xa * mask if mask is not None else xa)  # (r, in)
+    return dA, dB, dh
+
+
+def branch_input_grad(dh: torch.Tensor, A: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The branch's part of the input gradient, ``(dh A) ⊙ m`` (N, in), in A's dtype."""
+    grad = dh @ A
+    return grad.mul_(mask) if mask is not None else grad
+
+
+def add_branch_input_grad(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """``dx += (dh A) ⊙ m`` in place (one ``addmm_`` without dropout)."""
+    if mask is None and dx.dtype == dh.dtype:
+        dx.addmm_(dh, A)
+    else:
+        dx.add_(branch_input_grad(dh, A, mask).to(dx.dtype))
+
+
 class LoraLinearFn(torch.autograd.Function):
     """Autograd of the fused layer; see the module docstring for the math.
 
@@ -99,16 +148,8 @@ class LoraLinearFn(torch.autograd.Function):
             weight = weight_fn()
         wt = weight if fan_in_fan_out else weight.T  # (in, out) view, no copy
         y = x @ wt if bias is None else torch.addmm(bias, x, wt)  # (N, out)
-        xa = x.to(A.dtype)
-        mask = dropout_mask(x, p) if p > 0 else None
-        h = (xa * mask if mask is not None else xa) @ A.T  # (N, r)
-        if mask is not None:
-            h.mul_(keep_scale(p))
-        sbt = (B * s).T  # (r, out): s folded into the small matrix
-        if y.dtype == h.dtype:
-            y.addmm_(h, sbt)
-        else:
-            y.add_((h @ sbt).to(y.dtype))
+        h, mask = branch_down(x, A, p)
+        add_branch_up(y, h, B, s)
         ctx.save_for_backward(x, mask, h, None if weight_fn is not None else weight, A, B)
         ctx.s, ctx.p, ctx.fan_in_fan_out = s, p, fan_in_fan_out
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
@@ -117,26 +158,14 @@ class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, mask, h, weight, A, B = ctx.saved_tensors
-        s, q = ctx.s, keep_scale(ctx.p)
-        ga = g.to(A.dtype)  # (N, out)
-        dB = (ga.T @ h).mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
-        dh = (ga @ B).mul_(s * q if mask is not None else s)  # (N, r)
-        dA = None
-        if ctx.needs_input_grad[3]:
-            xa = x.to(A.dtype)
-            dA = dh.T @ (xa * mask if mask is not None else xa)  # (r, in)
+        need = ctx.needs_input_grad
+        dA, dB, dh = branch_grads(g.to(A.dtype), x, mask, h, A, B, ctx.s, ctx.p, need[3], need[4])
         dx = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             if ctx.weight_fn is not None:
                 weight = ctx.weight_fn()
             dx = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-            if mask is None and dx.dtype == dh.dtype:
-                dx.addmm_(dh, A)
-            else:
-                lora = dh @ A  # (N, in)
-                if mask is not None:
-                    lora.mul_(mask)
-                dx.add_(lora.to(dx.dtype))
+            add_branch_input_grad(dx, dh, A, mask)  # the LoRA part added in place
         db = g.sum(0) if ctx.bias_grad else None
         return dx, None, db, dA, dB, None, None, None, None
 
