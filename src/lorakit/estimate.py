@@ -304,19 +304,6 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
     return sum(per_layer.values()), max(per_layer.values())
 
 
-def _chunked_loss(config: Any, s: Setup) -> bool:
-    """Whether the step's loss is lorakit's chunked one (full fine-tuning is planned with the plain loss)."""
-    from lorakit.train.loss import plain_head
-
-    return s.engine == "lorakit" and s.method != "full" and plain_head(config)
-
-
-def _default_chunk(vocab: int) -> int:
-    from lorakit.train.loss import default_chunk
-
-    return default_chunk(vocab)
-
-
 def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None = None) -> Estimate:
     """Plan the memory of one training step.
 
@@ -367,8 +354,11 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     final += c * h if embeddings_train else 0                         # its output, for the head's gradient
     rope = 2 * s.seq * d["head_dim"] * 4 // max(tokens, 1)           # cos/sin, shared by the batch
     kept_layers = L * c * h if s.checkpointing else layers_all
-    chunked = _chunked_loss(config, s)
-    rows = min(tokens, _default_chunk(V)) if chunked else 0
+    from lorakit.train.loss import default_chunk, plain_head
+
+    # lorakit's chunked loss (full fine-tuning is planned with the model's own loss, as it is not lorakit's).
+    chunked = s.engine == "lorakit" and s.method != "full" and plain_head(config)
+    rows = min(tokens, default_chunk(V)) if chunked else 0
     if chunked:
         # lorakit's loss: head + cross-entropy per chunk of rows, the input gradient computed in forward.
         # Kept for backward: that gradient (tokens × hidden) and, when the head trains, its fp32 gradient.

@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from lorakit import spectrum
+from lorakit.adapters.config import CONFIG_NAME as ADAPTER_CONFIG
+from lorakit.checkpoint import WEIGHTS_NAME as ADAPTER_WEIGHTS, save_adapter
 from lorakit.errors import LorakitError
 
 STATE_FILE = "trainer_state.json"
@@ -104,9 +107,6 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
 
 def save_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """The trained weights into ``folder``: the PEFT adapter, or a Spectrum run's tensors."""
-    from lorakit import spectrum
-    from lorakit.checkpoint import save_adapter
-
     info = spectrum.spectrum_info(model)
     if info is not None:
         spectrum.save_spectrum(model, folder, base_model=info["base_model"], top=info["top"])
@@ -114,8 +114,7 @@ def save_weights(model: torch.nn.Module, folder: str | Path) -> None:
         save_adapter(model, folder)
 
 
-WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "spectrum_config.json",
-                "spectrum_model.safetensors")
+WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, spectrum.CONFIG_NAME, spectrum.WEIGHTS_NAME)
 """The files of a checkpoint that :func:`save_weights` wrote (those present are the final adapter)."""
 
 
