@@ -411,22 +411,20 @@ def _patience_exhausted(run: Run) -> bool:
 
 def _final_adapter(run: Run) -> Path:
     """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one."""
-    target = run.output / "adapter"
+    from lorakit._fs import replace_folder
+
+    target, tmp = run.output / "adapter", run.output / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     best = run.state.best_step
     source = run.output / "checkpoints" / f"step-{best:06d}" if best is not None else None
     if run.cfg.keep_best and source is not None and best != run.state.step and source.is_dir():
-        tmp = run.output / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name in ckpt.WEIGHT_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
     else:
-        tmp = run.output / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         ckpt.save_weights(run.model, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    replace_folder(tmp, target)  # the previous adapter stays whole until the new one is complete
     return target
 
 
