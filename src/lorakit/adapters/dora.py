@@ -158,8 +158,7 @@ def forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
     magnitude = layer.lora_magnitude_vector[name]
     norm = row_norm(layer, name).to(magnitude.device)
-    dropout = layer.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    p = layer.dropout_p(name)
     weight = layer.base_layer.weight
     outside = layer.quantized or weight.requires_grad  # the base product keeps its own autograd
     wx = layer.base_forward(x, with_bias=False) if outside else None

@@ -333,12 +333,16 @@ class LoraLinear(LoraLayer):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
+    def dropout_p(self, name: str) -> float:
+        """The dropout probability adapter ``name`` applies now (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter through :class:`lorakit.adapters.fused.LoraLinearFn` (same numbers as the plain path)."""
         weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        dropout = self.lora_dropout[name]
-        p = self.options[name].dropout if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        p = self.dropout_p(name)
         device = x.device.type
         weight_fn = None
         if self.quantized:  # NF4: dequantised inside the op, in forward and again in backward
