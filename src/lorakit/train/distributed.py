@@ -276,14 +276,15 @@ def _shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.dev
         if p.device != device:
             p.data = p.data.to(device)
     ignored = set(trainable)
-    for layer in _blocks(model):
+    for layer in decoder_blocks(model):
         fully_shard(layer, mesh=mesh, ignored_params=ignored & set(layer.parameters()))
     fully_shard(objective, mesh=mesh, ignored_params=ignored)
     return objective
 
 
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks to shard one by one: the classes transformers names as not-to-split."""
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (to shard or compile one by one): the classes transformers names as
+    not-to-split, else the children of its largest ``ModuleList``; empty when it has neither."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     found = [m for m in model.modules() if type(m).__name__ in names]
     if found:

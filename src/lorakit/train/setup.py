@@ -9,7 +9,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, save_config
-from lorakit.train.distributed import Dist, accumulation, global_batch_note, start
+from lorakit.train.distributed import Dist, accumulation, decoder_blocks, global_batch_note, start
 from lorakit.train.loop import Run
 
 # Sections whose change makes a checkpoint unusable, and the keys that may change on resume.
@@ -180,11 +180,10 @@ def _kept_global_batch(checkpoint: Path, config: RunConfig, world: int) -> int |
 def compile_blocks(model: torch.nn.Module) -> int:
     """``torch.compile`` each transformer block in place (state-dict keys unchanged); returns how many.
 
-    Blocks are the model's ``_no_split_modules`` classes (transformers' decoder layers); a model
-    without them is compiled whole. Shapes vary from batch to batch, so dynamic shapes are on.
+    Blocks are :func:`~lorakit.train.distributed.decoder_blocks` (transformers' decoder layers); a
+    model without them is compiled whole. Shapes vary from batch to batch, so dynamic shapes are on.
     """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = decoder_blocks(model)
     for block in blocks or [model]:
         block.compile(dynamic=True)
     return len(blocks) or 1
