@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+
 API_KEY_ENV = "LORAKIT_API_KEY"
 
 
@@ -41,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rank", type=int, default=16, metavar="R",
                         help="largest adapter rank accepted (default 16)")
     parser.add_argument("--max-batch", type=int, default=32, metavar="N", help="requests decoded together (default 32)")
-    parser.add_argument("--max-queue", type=int, default=256, metavar="N",
-                        help="requests waiting beyond --max-batch before answering 429 (default 256)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                        help=f"requests waiting beyond --max-batch before answering 429 (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-context", type=int, metavar="N",
                         help="context length per request (default: the model's)")
-    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="B",
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="B",
                         help="largest request body; 413 above it (default 4 MiB)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: by device)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")

@@ -7,8 +7,12 @@ only, so ``lorakit --help`` stays instant.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit._lazy import lazy_exports
+
+DEFAULT_MAX_QUEUE = 256
+"""Requests the HTTP server lets wait beyond the engine's batch before answering 429."""
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body the HTTP server reads (413 above)."""
 
 _LAZY = {
     "Engine": "lorakit.serve.engine",
@@ -28,7 +32,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lorakit.serve' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

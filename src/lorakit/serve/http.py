@@ -50,6 +50,7 @@ from lorakit.adapters.config import CONFIG_NAME
 from lorakit.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name
+from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from lorakit.serve.asgi import BodyLimit, CountResponses
 from lorakit.serve.engine import ContextLengthExceededError, Engine
 from lorakit.serve.metrics import Metrics
@@ -61,8 +62,6 @@ from lorakit.serve.requests import RequestHandle, TokenEvent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-DEFAULT_MAX_QUEUE = 256
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: up to the context
 
 
