@@ -96,8 +96,8 @@ class Setup:
     """Spectrum: also train the embeddings and output head (the reference does)."""
     engine: str = "lorakit"
     """``lorakit``: the step as ``lorakit train`` runs it (fused adapter layers that keep the input
-    once and a byte mask; the loss over answer tokens in chunks, no full logits). ``peft``: PEFT's
-    adapter layers and the model's own loss (full fp32 logits)."""
+    once and the dropped positions; the loss over answer tokens in chunks, no full logits).
+    ``peft``: PEFT's adapter layers and the model's own loss (full fp32 logits)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -290,7 +290,7 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
         b += c * i if keeps_input("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2") else 0
         for lin in (x for x in lins if x.name in adapted_names):
             a = DTYPE_BYTES[s.adapter_dtype]
-            b += lin.fan_in if s.dropout > 0 else 0          # dropout mask (a byte per element)
+            b += lin.fan_in * _dropout_record_bytes(s)       # what dropout removed, per element of x
             b += a * s.rank                                  # A x, kept for B's gradient
             if s.engine == "peft":
                 if s.dropout > 0 or a != c:
@@ -302,6 +302,15 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
     if s.method in ("lora", "qlora", "dora") or (s.method == "spectrum" and not s.spectrum_embeddings):
         per_layer[0] -= 4 * h + 4                            # frozen embeddings: layer 0's input needs no grad
     return sum(per_layer.values()), max(per_layer.values())
+
+
+def _dropout_record_bytes(s: Setup) -> float:
+    """Bytes per element of a layer's input that its dropout keeps for backward: PEFT's bool mask, or
+    lorakit's dropped positions (int32, ``p`` per element) up to p = 0.25 and a byte mask above
+    (:func:`lorakit.adapters.fused.draw_dropped`)."""
+    if s.dropout == 0:
+        return 0.0
+    return 4 * s.dropout if s.engine == "lorakit" and s.dropout <= 0.25 else 1.0
 
 
 def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None = None) -> Estimate:

@@ -59,20 +59,21 @@ def test_fused_equals_plain_without_dropout(kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_fused_equals_plain_under_the_same_dropout_mask(dtype, fan_in_fan_out):
+@pytest.mark.parametrize("p", [0.1, 0.3])  # dropped positions / a byte keep-mask
+def test_fused_equals_plain_under_the_same_dropout_mask(dtype, fan_in_fan_out, p):
     torch.manual_seed(0)
     base = Conv1D(24, 16) if fan_in_fan_out else nn.Linear(16, 24)
-    layer = _layer(base, dropout=0.3, dtype=dtype)
+    layer = _layer(base, dropout=p, dtype=dtype)
     x = torch.randn(4, 6, 16, dtype=dtype)
     got = _run(layer, x, seed=7)
     # The same mask from the same seed, through plain PyTorch ops (autograd by PyTorch).
     torch.manual_seed(7)
-    mask = fused.dropout_mask(x.reshape(-1, 16), 0.3).reshape(x.shape)
-    assert 0.6 < mask.float().mean() < 0.8  # the share kept
+    mask = fused.dropout_mask(x.reshape(-1, 16), p).reshape(x.shape)
+    assert 1 - p - 0.1 < mask.float().mean() < 1 - p + 0.1  # the share kept
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     A.grad = B.grad = None
     xr = x.detach().clone().requires_grad_(True)
-    y = fused.reference(xr, base.weight, base.bias, A, B, layer.scaling["default"], mask, 0.3, fan_in_fan_out)
+    y = fused.reference(xr, base.weight, base.bias, A, B, layer.scaling["default"], mask, p, fan_in_fan_out)
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     _close(got, (y.detach(), xr.grad, A.grad, B.grad), dtype)
 
@@ -113,14 +114,15 @@ def test_fused_saves_less_for_backward_than_the_plain_path():
 
 
 class _Replay(nn.Module):
-    """Dropout that replays recorded keep-masks, in order (the plain path under the fused path's masks)."""
+    """Dropout that replays recorded draws of :func:`fused.draw_dropped`, in order (the plain path
+    under the fused path's masks)."""
 
     def __init__(self, masks: list[torch.Tensor], p: float) -> None:
         super().__init__()
         self.masks, self.p = masks, p
 
     def forward(self, x):
-        return x * self.masks.pop(0).reshape(x.shape) * fused.keep_scale(self.p)
+        return x * fused.keep_mask(self.masks.pop(0), x) * fused.keep_scale(self.p)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -130,8 +132,8 @@ def test_model_step_equals_plain_path(dropout, monkeypatch):
 
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     masks: list[torch.Tensor] = []
-    draw = fused.dropout_mask
-    monkeypatch.setattr(fused, "dropout_mask", lambda x, p: masks.append(draw(x, p)) or masks[-1])
+    draw = fused.draw_dropped
+    monkeypatch.setattr(fused, "draw_dropped", lambda x, p: masks.append(draw(x, p)) or masks[-1])
     results = []
     for use_fused in (True, False):
         model = make_tiny("qwen2").train()  # q/k/v biases
@@ -208,8 +210,8 @@ def test_fused_over_an_nf4_base_equals_plain_path(dropout, monkeypatch):
     assert layer.quantized and layer._can_fuse("default", torch.randn(2, 64))
     x = torch.randn(3, 5, 64)
     masks: list[torch.Tensor] = []
-    draw = fused.dropout_mask
-    monkeypatch.setattr(fused, "dropout_mask", lambda t, p: masks.append(draw(t, p)) or masks[-1])
+    draw = fused.draw_dropped
+    monkeypatch.setattr(fused, "draw_dropped", lambda t, p: masks.append(draw(t, p)) or masks[-1])
     got = _run(layer, x, seed=0)
     layer.fused = False
     if dropout:

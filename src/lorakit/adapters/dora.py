@@ -15,7 +15,7 @@ nothing. What is notable here, against PEFT's implementation:
   with ``‖W‖²_row`` cached while W is unchanged (keyed by the tensor's version counter).
 - The whole layer (base product, dropout, low-rank path, rescale) is one autograd op,
   :class:`_DoraLinear`. It saves the input ``x`` (one tensor for q, k and v, which read the same
-  input), the dropout mask (a byte per element), the rank-r ``h`` and its *output* ``c ⊙ u`` for the
+  input), what dropout removed (positions, 0.2 bytes per element at p = 0.05), the rank-r ``h`` and its *output* ``c ⊙ u`` for the
   magnitude gradient (``u = out / c``); where a later op keeps that output anyway (SiLU, the MLP
   product), DoRA adds nothing for it. No dropped-out copy of ``x`` and no separate ``W x`` is
   kept: on ``benchmarks/dora_qlora.py dora`` the activations went from 383 to 305 MiB against
@@ -103,9 +103,9 @@ class _DoraLinear(torch.autograd.Function):
         dB = s · guᵀ h,   dh = s · gu B,   dA = q · dhᵀ (x ⊙ k)
         dx = gu W + q · (dh A) ⊙ k
 
-    Saved: ``x`` (one tensor for the sibling layers that read it: q, k, v), the mask (a byte per
-    element), ``h`` and ``out`` (which a later op often keeps anyway: SiLU, the MLP product, so it
-    costs nothing there). ``x ⊙ k`` is recomputed in backward, never kept. If some ``|c|`` is near
+    Saved: ``x`` (one tensor for the sibling layers that read it: q, k, v), what dropout removed
+    (:func:`~lorakit.adapters.fused.draw_dropped`), ``h`` and ``out`` (which a later op often keeps
+    anyway: SiLU, the MLP product, so it costs nothing there). ``x ⊙ k`` is recomputed in backward, never kept. If some ``|c|`` is near
     zero, ``u`` is saved instead of ``out`` (dividing by ``c`` would not be exact).
 
     ``wx`` None: the op computes ``x Wᵀ`` from ``weight`` ((out, in); (in, out) when
@@ -115,7 +115,7 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wx, weight, A, B, magnitude, norm, s: float, p: float, fan_in_fan_out: bool):
-        h, mask = branch_down(x, A, p)  # (N, r)
+        h, dropped = branch_down(x, A, p)  # (N, r)
         u = x @ (weight if fan_in_fan_out else weight.T) if wx is None else wx.clone()  # (N, out), ours
         add_branch_up(u, h, B, s)
         scale = (magnitude / norm).to(u.dtype)  # (out,)
@@ -123,7 +123,7 @@ class _DoraLinear(torch.autograd.Function):
         out = u * scale if keep_u else u.mul_(scale)
         need_x, need_a, need_b, need_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         ctx.save_for_backward(  # only what the wanted gradients need: W only for dx, x only for dA
-            x if need_a else None, mask if need_a or need_x else None, h if need_b else None,
+            x if need_a else None, dropped if need_a or need_x else None, h if need_b else None,
             (u if keep_u else out) if need_m else None,
             weight if wx is None and need_x else None, A, B, scale, norm)
         ctx.s, ctx.p, ctx.fan_in_fan_out, ctx.keep_u = s, p, fan_in_fan_out, keep_u
@@ -132,17 +132,17 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, mask, h, saved, weight, A, B, scale, norm = ctx.saved_tensors
+        x, dropped, h, saved, weight, A, B, scale, norm = ctx.saved_tensors
         need = ctx.needs_input_grad
         gu = g * scale  # (N, out)
-        dA, dB, dh = branch_grads(gu.to(A.dtype), x, mask, h, A, B, ctx.s, ctx.p, need[3], need[4])
+        dA, dB, dh = branch_grads(gu.to(A.dtype), x, dropped, h, A, B, ctx.s, ctx.p, need[3], need[4])
         dx = None
         if need[0]:
             if ctx.base_outside:  # the base product has its own autograd: the LoRA part only
-                dx = branch_input_grad(dh, A, mask).to(x.dtype)
+                dx = branch_input_grad(dh, A, dropped).to(x.dtype)
             else:
                 dx = gu @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-                add_branch_input_grad(dx, dh, A, mask)  # the LoRA part added in place
+                add_branch_input_grad(dx, dh, A, dropped)  # the LoRA part added in place
         dm = None
         if need[5]:  # Σ g ⊙ u, or Σ g ⊙ out = c · Σ g ⊙ u; into gu's memory once gu is used up
             prod = torch.mul(g, saved) if ctx.base_outside else torch.mul(g, saved, out=gu)

@@ -1,6 +1,6 @@
 """The fused LoRA linear: ``y = x Wᵀ + b + s · B A dropout(x)`` as one autograd op.
 
-Forward, with ``m`` the dropout keep-mask (uint8), ``q = 1/(1-p)`` (:func:`keep_scale`) and W frozen::
+Forward, with ``m`` the dropout keep-mask, ``q = 1/(1-p)`` (:func:`keep_scale`) and W frozen::
 
     h = q · (x ⊙ m) Aᵀ          # (N, r): the rank-r intermediate, saved
     y = x Wᵀ + b + h (s·B)ᵀ      # scaling folded into the small (out, r) matrix, added in place
@@ -15,13 +15,18 @@ Backward, from ``g = dy`` (N, out)::
 
 Against the plain path (``nn.Dropout`` → ``lora_A`` → ``lora_B`` → ``× s`` → ``+``), it saves for
 backward only what backward needs: ``x`` (which the layer's neighbours usually keep anyway: q, k
-and v share it), the mask as one byte per element, and ``h``; the plain path keeps a full copy of
-the dropped-out input per adapted layer. The output and input gradient take no extra full-size
-temporaries (``addmm_``, in-place ``mul_``/``add_``). Without dropout (p = 0 or eval mode) there is no mask and
-no dropout work at all. The dropout mask is drawn by :func:`dropout_mask`, so a test can draw the
-same mask from the same seed.
+and v share it), what dropout removed, and ``h``; the plain path keeps a full copy of the
+dropped-out input per adapted layer. The output and input gradient take no extra full-size
+temporaries (``addmm_``, in-place ``add_``). Without dropout (p = 0 or eval mode) there is no
+dropout work at all.
 
-:func:`reference` is the plain-PyTorch version of the same math, for tests.
+What dropout removed (:func:`draw_dropped`) is kept as the sorted flat positions of the dropped
+elements for LoRA's usual p ≤ 0.25 (int32 when they fit: 0.2 bytes per element of x at p = 0.05),
+and as a byte keep-mask above that. With positions, ``x ⊙ m`` is a copy of x with those elements
+zeroed and ``(dh A) ⊙ m`` is ``dh A`` added in place with the base gradient put back where x was
+dropped: no pass over x multiplies by a mask. :func:`dropout_mask` draws the same keep-mask from the
+same seed, so a test can replay it through :func:`reference`, the plain-PyTorch version of the
+same math.
 """
 
 from __future__ import annotations
@@ -35,24 +40,53 @@ _LEVELS = 1 << 16  # above _SPARSE_MAX, dropout probabilities are resolved to 1/
 _SPARSE_MAX = 0.25  # up to this drop probability, the dropped positions are drawn directly
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask of dropout probability ``p`` for ``x``: uint8, 1 where the element is kept, 0 where
-    dropped (multiplying by a uint8 mask is about twice as fast on CPU as by a bool one).
+def draw_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
+    """What dropout of probability ``p`` removes from ``x``, in the form the fused ops use.
 
-    For ``p ≤ 0.25`` (LoRA's usual 0.05–0.1) only the dropped positions are drawn, from the
-    geometric gaps between them (:func:`bernoulli_positions`): p·n random numbers instead of n,
-    about 4× faster on CPU than one draw per element. Above that, uniform 16-bit integers, four from
-    each random 64-bit word, against a threshold (``p`` rounded to a multiple of 1/65536);
-    :func:`keep_scale` rescales by exactly the keep probability used, so the branch stays unbiased.
+    For ``p ≤ 0.25`` (LoRA's usual 0.05–0.1): the sorted flat positions of the dropped elements
+    (int32 when ``x`` has fewer than 2³¹ elements, else int64), drawn from the geometric gaps
+    between them (:func:`bernoulli_positions`): p·n random numbers instead of n, and no pass over
+    x. Above that: the uint8 keep-mask (1 = kept), uniform 16-bit integers, four from each random
+    64-bit word, against a threshold (``p`` rounded to a multiple of 1/65536); :func:`keep_scale`
+    rescales by exactly the keep probability used, so the branch stays unbiased.
     """
     n = x.numel()
     if p <= _SPARSE_MAX:
-        mask = torch.ones(n, dtype=torch.uint8, device=x.device)
-        mask[bernoulli_positions(n, p, x.device)] = 0
-        return mask.view(x.shape)
+        positions = bernoulli_positions(n, p, x.device)
+        return positions.to(torch.int32) if n < 2**31 else positions
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     uniform = words.view(torch.int16)[:n].view(x.shape)  # each in [-32768, 32767]
     return (uniform >= round(p * _LEVELS) - _LEVELS // 2).view(torch.uint8)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep-mask of :func:`draw_dropped` (uint8, shaped like ``x``, 1 where kept): the same
+    mask from the same seed as the fused ops use, for tests and :func:`reference`."""
+    return keep_mask(draw_dropped(x, p), x)
+
+
+def keep_mask(dropped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A uint8 keep-mask shaped like ``like`` from :func:`draw_dropped`'s result."""
+    if dropped.dtype == torch.uint8:
+        return dropped.view(like.shape)
+    mask = torch.ones(like.numel(), dtype=torch.uint8, device=like.device)
+    mask[dropped.long()] = 0
+    return mask.view(like.shape)
+
+
+def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the elements of the contiguous ``t`` that dropout removed; returns ``t``."""
+    if dropped.dtype == torch.uint8:
+        return t.mul_(dropped.view(t.shape))
+    t.view(-1).index_fill_(0, dropped.long(), 0)
+    return t
+
+
+def _dropped_copy(x: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None) -> torch.Tensor:
+    # x ⊙ m in ``dtype``: a contiguous copy with the dropped elements zeroed (x itself without dropout).
+    if dropped is None:
+        return x.to(dtype)
+    return zero_dropped_(x.to(dtype, copy=True, memory_format=torch.contiguous_format), dropped)
 
 
 def keep_scale(p: float) -> float:
@@ -82,13 +116,12 @@ def bernoulli_positions(n: int, p: float, device: torch.device | str | None = No
 
 
 def branch_down(x: torch.Tensor, A: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h = q · (x ⊙ m) Aᵀ`` (N, r) in A's dtype, and the keep-mask ``m`` (None without dropout)."""
-    xa = x.to(A.dtype)
-    mask = dropout_mask(x, p) if p > 0 else None
-    h = (xa * mask if mask is not None else xa) @ A.T
-    if mask is not None:
+    """``h = q · (x ⊙ m) Aᵀ`` (N, r) in A's dtype, and what dropout removed (None without dropout)."""
+    dropped = draw_dropped(x, p) if p > 0 else None
+    h = _dropped_copy(x, A.dtype, dropped) @ A.T
+    if dropped is not None:
         h.mul_(keep_scale(p))
-    return h, mask
+    return h, dropped
 
 
 def add_branch_up(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> None:
@@ -99,8 +132,8 @@ def add_branch_up(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -
         y.add_((h @ B.T).mul_(s).to(y.dtype))
 
 
-def branch_grads(ga: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, h: torch.Tensor, A: torch.Tensor,
-                 B: torch.Tensor, s: float, p: float, need_a: bool, need_b: bool
+def branch_grads(ga: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, h: torch.Tensor,
+                 A: torch.Tensor, B: torch.Tensor, s: float, p: float, need_a: bool, need_b: bool
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """``(dA, dB, dh)`` of the branch from ``ga``, the gradient of its output in A's dtype.
 
@@ -108,26 +141,32 @@ def branch_grads(ga: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, h
     ``x ⊙ m`` is recomputed here, never kept.
     """
     dB = (ga.T @ h).mul_(s) if need_b else None  # (out, r)
-    dh = (ga @ B).mul_(s * keep_scale(p) if mask is not None else s)  # (N, r)
-    dA = None
-    if need_a:
-        xa = x.to(A.dtype)
-        dA = dh.T @ (xa * mask if mask is not None else xa)  # (r, in)
+    dh = (ga @ B).mul_(s * keep_scale(p) if dropped is not None else s)  # (N, r)
+    dA = dh.T @ _dropped_copy(x, A.dtype, dropped) if need_a else None  # (r, in)
     return dA, dB, dh
 
 
-def branch_input_grad(dh: torch.Tensor, A: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def branch_input_grad(dh: torch.Tensor, A: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
     """The branch's part of the input gradient, ``(dh A) ⊙ m`` (N, in), in A's dtype."""
     grad = dh @ A
-    return grad.mul_(mask) if mask is not None else grad
+    return zero_dropped_(grad, dropped) if dropped is not None else grad
 
 
-def add_branch_input_grad(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """``dx += (dh A) ⊙ m`` in place (one ``addmm_`` without dropout)."""
-    if mask is None and dx.dtype == dh.dtype:
-        dx.addmm_(dh, A)
-    else:
-        dx.add_(branch_input_grad(dh, A, mask).to(dx.dtype))
+def add_branch_input_grad(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, dropped: torch.Tensor | None) -> None:
+    """``dx += (dh A) ⊙ m`` in place.
+
+    With dropped positions and matching dtypes: one ``addmm_`` over all of ``dx``, then the
+    dropped elements get back the value they had (no full-size temporary, no pass with a mask).
+    """
+    if dx.dtype != dh.dtype or (dropped is not None and dropped.dtype == torch.uint8):
+        dx.add_(branch_input_grad(dh, A, dropped).to(dx.dtype))
+        return
+    flat = dx.view(-1) if dropped is not None else None
+    index = dropped.long() if dropped is not None else None
+    kept = flat[index] if flat is not None else None  # dx at the dropped elements: the base part only
+    dx.addmm_(dh, A)
+    if flat is not None:
+        flat[index] = kept
 
 
 class LoraLinearFn(torch.autograd.Function):
@@ -148,24 +187,24 @@ class LoraLinearFn(torch.autograd.Function):
             weight = weight_fn()
         wt = weight if fan_in_fan_out else weight.T  # (in, out) view, no copy
         y = x @ wt if bias is None else torch.addmm(bias, x, wt)  # (N, out)
-        h, mask = branch_down(x, A, p)
+        h, dropped = branch_down(x, A, p)
         add_branch_up(y, h, B, s)
-        ctx.save_for_backward(x, mask, h, None if weight_fn is not None else weight, A, B)
+        ctx.save_for_backward(x, dropped, h, None if weight_fn is not None else weight, A, B)
         ctx.s, ctx.p, ctx.fan_in_fan_out = s, p, fan_in_fan_out
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, mask, h, weight, A, B = ctx.saved_tensors
+        x, dropped, h, weight, A, B = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dA, dB, dh = branch_grads(g.to(A.dtype), x, mask, h, A, B, ctx.s, ctx.p, need[3], need[4])
+        dA, dB, dh = branch_grads(g.to(A.dtype), x, dropped, h, A, B, ctx.s, ctx.p, need[3], need[4])
         dx = None
         if need[0]:
             if ctx.weight_fn is not None:
                 weight = ctx.weight_fn()
             dx = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
-            add_branch_input_grad(dx, dh, A, mask)  # the LoRA part added in place
+            add_branch_input_grad(dx, dh, A, dropped)  # the LoRA part added in place
         db = g.sum(0) if ctx.bias_grad else None
         return dx, None, db, dA, dB, None, None, None, None
 

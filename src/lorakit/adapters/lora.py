@@ -22,8 +22,8 @@ What is notable here:
 - Adapter weights stay fp32 when the base is fp16/bf16; the branch computes in fp32 and the sum
   is cast back to the base output's dtype.
 - Training with one plain adapter over a dense frozen base runs through one fused autograd op
-  (:mod:`lorakit.adapters.fused`): it keeps only the input, a 1-byte dropout mask and the
-  rank-r intermediate for backward, and skips all dropout work without dropout (over a 4-bit
+  (:mod:`lorakit.adapters.fused`): it keeps only the input, the positions dropout removed and
+  the rank-r intermediate for backward, and skips all dropout work without dropout (over a 4-bit
   base, W is dequantised inside it, in forward and again in backward). Several adapters, DoRA,
   ``lora_bias`` or a trained base weight take the plain path.
 - One layer class per kind of base weight: ``LoraLinear`` covers ``nn.Linear`` and transformers'
