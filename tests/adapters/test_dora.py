@@ -199,7 +199,7 @@ def test_fused_op_keeps_input_dropped_positions_rank_r_and_output_only():
     assert kinds == sorted([((16, 64), "torch.float32")] + [((16, 48), "torch.float32")] * 2), kinds
     assert {t.untyped_storage().data_ptr() for t in big} >= {x.untyped_storage().data_ptr(),
                                                              outs[0].untyped_storage().data_ptr()}
-    positions = [t for t in tensors if t.dtype == torch.int32]
+    positions = [t for t in tensors if t.dtype == torch.int64]
     assert len(positions) == 2 and all(0 < t.numel() < 0.2 * 16 * 64 for t in positions)  # p = 0.1 of 1024
 
 

@@ -21,17 +21,19 @@ temporaries (``addmm_``, in-place ``add_``). Without dropout (p = 0 or eval mode
 dropout work at all.
 
 What dropout removed (:func:`draw_dropped`) is kept as the sorted flat positions of the dropped
-elements for LoRA's usual p ≤ 0.25 (int32 when they fit: 0.2 bytes per element of x at p = 0.05),
-and as a byte keep-mask above that. With positions, ``x ⊙ m`` is a copy of x with those elements
-zeroed and ``(dh A) ⊙ m`` is ``dh A`` added in place with the base gradient put back where x was
-dropped: no pass over x multiplies by a mask. :func:`dropout_mask` draws the same keep-mask from the
-same seed, so a test can replay it through :func:`reference`, the plain-PyTorch version of the
-same math.
+elements for LoRA's usual p ≤ 0.25 (int64: 0.4 bytes per element of x at p = 0.05), and as a
+byte keep-mask above that. With positions no full-size work is spent on dropout: ``x ⊙ m`` is x
+itself with those elements set to 0 for the one matmul that reads it and put back right after
+(:func:`with_dropped_input`), and ``(dh A) ⊙ m`` is ``dh A`` added in place with the base
+gradient put back where x was dropped. :func:`dropout_mask` draws the same keep-mask from the same
+seed, so a test can replay it through :func:`reference`, the plain-PyTorch version of the same
+math.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -44,16 +46,15 @@ def draw_dropped(x: torch.Tensor, p: float) -> torch.Tensor:
     """What dropout of probability ``p`` removes from ``x``, in the form the fused ops use.
 
     For ``p ≤ 0.25`` (LoRA's usual 0.05–0.1): the sorted flat positions of the dropped elements
-    (int32 when ``x`` has fewer than 2³¹ elements, else int64), drawn from the geometric gaps
-    between them (:func:`bernoulli_positions`): p·n random numbers instead of n, and no pass over
-    x. Above that: the uint8 keep-mask (1 = kept), uniform 16-bit integers, four from each random
-    64-bit word, against a threshold (``p`` rounded to a multiple of 1/65536); :func:`keep_scale`
-    rescales by exactly the keep probability used, so the branch stays unbiased.
+    (int64), drawn from the geometric gaps between them (:func:`bernoulli_positions`): p·n random
+    numbers instead of n, and no pass over x. Above that: the uint8 keep-mask (1 = kept), uniform
+    16-bit integers, four from each random 64-bit word, against a threshold (``p`` rounded to a
+    multiple of 1/65536); :func:`keep_scale` rescales by exactly the keep probability used, so the
+    branch stays unbiased.
     """
     n = x.numel()
     if p <= _SPARSE_MAX:
-        positions = bernoulli_positions(n, p, x.device)
-        return positions.to(torch.int32) if n < 2**31 else positions
+        return bernoulli_positions(n, p, x.device)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     uniform = words.view(torch.int16)[:n].view(x.shape)  # each in [-32768, 32767]
     return (uniform >= round(p * _LEVELS) - _LEVELS // 2).view(torch.uint8)
@@ -70,7 +71,7 @@ def keep_mask(dropped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if dropped.dtype == torch.uint8:
         return dropped.view(like.shape)
     mask = torch.ones(like.numel(), dtype=torch.uint8, device=like.device)
-    mask[dropped.long()] = 0
+    mask[dropped] = 0
     return mask.view(like.shape)
 
 
@@ -78,15 +79,30 @@ def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """Zero, in place, the elements of the contiguous ``t`` that dropout removed; returns ``t``."""
     if dropped.dtype == torch.uint8:
         return t.mul_(dropped.view(t.shape))
-    t.view(-1).index_fill_(0, dropped.long(), 0)
+    t.view(-1)[dropped] = 0
     return t
 
 
-def _dropped_copy(x: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None) -> torch.Tensor:
-    # x ⊙ m in ``dtype``: a contiguous copy with the dropped elements zeroed (x itself without dropout).
+def with_dropped_input(x: torch.Tensor, dtype: torch.dtype, dropped: torch.Tensor | None,
+                       compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``compute(x ⊙ m)`` with ``x ⊙ m`` in ``dtype`` (``x`` itself without dropout).
+
+    With dropped positions and ``x`` already contiguous in ``dtype``, no copy of x is made: its
+    dropped elements are set to 0 for the call and put back afterwards, exactly (through
+    ``x.data``, so autograd's record of x is untouched; ops run one after another, so nothing
+    reads x in between). Otherwise ``x ⊙ m`` is a masked copy.
+    """
     if dropped is None:
-        return x.to(dtype)
-    return zero_dropped_(x.to(dtype, copy=True, memory_format=torch.contiguous_format), dropped)
+        return compute(x.to(dtype))
+    if dropped.dtype == torch.uint8 or x.dtype != dtype or not x.is_contiguous():
+        return compute(zero_dropped_(x.to(dtype, copy=True, memory_format=torch.contiguous_format), dropped))
+    flat = x.data.view(-1)
+    kept = flat[dropped]
+    flat[dropped] = 0
+    try:
+        return compute(x.data)
+    finally:
+        flat[dropped] = kept
 
 
 def keep_scale(p: float) -> float:
@@ -118,7 +134,7 @@ def bernoulli_positions(n: int, p: float, device: torch.device | str | None = No
 def branch_down(x: torch.Tensor, A: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h = q · (x ⊙ m) Aᵀ`` (N, r) in A's dtype, and what dropout removed (None without dropout)."""
     dropped = draw_dropped(x, p) if p > 0 else None
-    h = _dropped_copy(x, A.dtype, dropped) @ A.T
+    h = with_dropped_input(x, A.dtype, dropped, lambda xm: xm @ A.T)
     if dropped is not None:
         h.mul_(keep_scale(p))
     return h, dropped
@@ -142,7 +158,7 @@ def branch_grads(ga: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None
     """
     dB = (ga.T @ h).mul_(s) if need_b else None  # (out, r)
     dh = (ga @ B).mul_(s * keep_scale(p) if dropped is not None else s)  # (N, r)
-    dA = dh.T @ _dropped_copy(x, A.dtype, dropped) if need_a else None  # (r, in)
+    dA = with_dropped_input(x, A.dtype, dropped, lambda xm: dh.T @ xm) if need_a else None  # (r, in)
     return dA, dB, dh
 
 
@@ -162,11 +178,10 @@ def add_branch_input_grad(dx: torch.Tensor, dh: torch.Tensor, A: torch.Tensor, d
         dx.add_(branch_input_grad(dh, A, dropped).to(dx.dtype))
         return
     flat = dx.view(-1) if dropped is not None else None
-    index = dropped.long() if dropped is not None else None
-    kept = flat[index] if flat is not None else None  # dx at the dropped elements: the base part only
+    kept = flat[dropped] if flat is not None else None  # dx at the dropped elements: the base part only
     dx.addmm_(dh, A)
     if flat is not None:
-        flat[index] = kept
+        flat[dropped] = kept
 
 
 class LoraLinearFn(torch.autograd.Function):
