@@ -1,6 +1,7 @@
 """`lorakit train` against transformers' Trainer + PEFT: same data, model and hyper-parameters.
 
-    python benchmarks/train_vs_trainer.py [--rows 240] [--eval-rows 40] [--threads 2] [--json FILE]
+    python benchmarks/train_vs_trainer.py [--rows 240] [--eval-rows 40] [--threads 2] [--no-share-prefix]
+                                          [--json FILE]
 
 Data: WordNet definitions in `messages` format (``wordnet_data.py``), tokenised once by
 ``lorakit.data`` (SmolLM2's chat template, answer-only labels) and given to both sides, so both
@@ -8,7 +9,9 @@ learn from exactly the same tokens. Model: SmolLM2-135M-Instruct, fp32, CPU. Ada
 alpha 32, dropout 0.05, all linear layers. One epoch, batch 8, AdamW lr 2e-4, 10 warm-up steps,
 cosine decay, clipping at 1.0, seed 0.
 
-- ``lorakit``: ``lorakit.train.train`` with its defaults for batching (length-grouped padded batches).
+- ``lorakit``: ``lorakit.train.train`` with its defaults for batching (length-grouped padded batches)
+  and the loss (chunked, answer tokens only; the system prompt every row starts with runs once per
+  batch: ``train.share_prefix``, off with ``--no-share-prefix``).
 - ``trainer``: ``transformers.Trainer`` on a PEFT model, with the usual padded batches in random order.
 
 Each side runs in its own process (peak RSS is per process), twice, in alternating order. Reported:
@@ -62,7 +65,7 @@ def _eval_loss(model, tokenizer, held: Path) -> float:
     return answer_loss(model, _tokenized(held, tokenizer), pad_token_id(tokenizer), HYPER["batch_size"])["loss"]
 
 
-def run_lorakit(train: Path, held: Path, out: Path) -> dict:
+def run_lorakit(train: Path, held: Path, out: Path, share_prefix: bool = True) -> dict:
     from lorakit.models import load_model, load_tokenizer
     from lorakit.train.config import RunConfig
     from lorakit.train.loop import train as run
@@ -73,7 +76,7 @@ def run_lorakit(train: Path, held: Path, out: Path) -> dict:
         "adapter": {"r": HYPER["r"], "alpha": HYPER["alpha"], "dropout": HYPER["dropout"], "targets": "all-linear"},
         "train": {"epochs": 1, "batch_size": HYPER["batch_size"], "lr": HYPER["lr"], "schedule": "cosine",
                   "warmup_steps": HYPER["warmup_steps"], "seed": HYPER["seed"], "eval_every": None,
-                  "save_every": None, "plots": False, "device": "cpu", "dtype": "fp32"},
+                  "save_every": None, "plots": False, "device": "cpu", "dtype": "fp32", "share_prefix": share_prefix},
         "output": str(out / "lorakit-run"),
     })
     start = time.perf_counter()
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=240)
     parser.add_argument("--eval-rows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-share-prefix", action="store_true", help="lorakit without train.share_prefix")
     parser.add_argument("--json")
     parser.add_argument("--child", nargs=4, metavar=("SIDE", "TRAIN", "EVAL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +142,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         side, train, held, out = args.child
-        result = (run_lorakit if side == "lorakit" else run_trainer)(Path(train), Path(held), Path(out))
+        if side == "lorakit":
+            result = run_lorakit(Path(train), Path(held), Path(out), share_prefix=not args.no_share_prefix)
+        else:
+            result = run_trainer(Path(train), Path(held), Path(out))
         result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps(result))
         return
@@ -154,6 +161,7 @@ def main() -> None:
             for side in order:
                 cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", side, str(train),
                        str(held), str(folder / f"{side}-{len(runs[side])}")]
+                cmd += ["--no-share-prefix"] if args.no_share_prefix else []
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
@@ -167,7 +175,8 @@ def main() -> None:
         "eval_loss": summary["lorakit"]["eval_loss"] / summary["trainer"]["eval_loss"],
     }
     print(f"{args.rows} train rows ({tokens:,} non-pad tokens), {args.eval_rows} eval rows, SmolLM2 LoRA r=16 "
-          f"all-linear, 1 epoch, batch 8, {args.threads} thread(s), 2 runs per side")
+          f"all-linear, 1 epoch, batch 8, {args.threads} thread(s), 2 runs per side, lorakit share_prefix "
+          f"{'off' if args.no_share_prefix else 'on'}")
     print(f"{'side':<10}{'tokens/s':>10}{'peak RSS MiB':>14}{'eval loss':>11}")
     for side, row in summary.items():
         print(f"{side:<10}{row['tokens_per_s']:>10.1f}{row['peak_rss'] / 2**20:>14.0f}{row['eval_loss']:>11.4f}")

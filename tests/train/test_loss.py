@@ -1,5 +1,6 @@
 """The chunked loss equals the model's own loss (and gradients), padded and packed, tied and untied;
-gradient checkpointing with adapters and packing changes nothing; offload hooks round-trip."""
+so does running a shared, unscored prefix once per batch; gradient checkpointing with adapters and
+packing changes nothing; offload hooks round-trip."""
 
 from __future__ import annotations
 
@@ -214,3 +215,72 @@ def test_compile_blocks_compiles_each_decoder_layer(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
     assert compile_blocks(model) == 2
     assert compiled == [("LlamaDecoderLayer", {"dynamic": True})] * 2
+
+
+def _prompted_rows(prefix: int = 10, seed: int = 0, vocab: int = 96) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Five rows that start with the same ``prefix`` tokens (a system prompt), then a prompt of
+    their own and an answer (scored), of different lengths."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, vocab, prefix)
+    rows = []
+    for prompt, answer in ((3, 6), (5, 2), (2, 9), (4, 4), (6, 5)):
+        ids = np.concatenate([system, rng.integers(0, vocab, prompt + answer)])
+        labels = ids.copy()
+        labels[: prefix + prompt] = -100
+        rows.append((ids, labels))
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+def test_shared_prefix_gives_the_whole_rows_loss_and_grads(arch):
+    from lorakit.train.loss import shared_prefix
+
+    model = _model(arch)
+    for module in model.modules():  # GPT-2's own dropout would draw other masks for other shapes
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = collate_padded(_prompted_rows(), pad_token_id=0)
+    assert shared_prefix(batch, batch["labels"]) == 10
+    whole = _loss_and_grads(lambda **b: model(**b, use_cache=False).loss, model, batch)
+    seen: list[tuple[int, ...]] = []  # what the embedding layer was given: the prefix once, then the rest
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        shared = _loss_and_grads(CausalLMLoss(model, chunk=4, share_prefix=True), model, batch)
+    finally:
+        hook.remove()
+    _assert_same(shared, whole)
+    width = batch["input_ids"].shape[1]
+    assert seen == [(1, 10), (5, width - 10)], seen
+
+
+def test_shared_prefix_length_rules():
+    from lorakit.train.loss import MIN_PREFIX, shared_prefix
+
+    rows = _prompted_rows(prefix=12)
+    batch = collate_padded(rows, pad_token_id=0)
+    assert shared_prefix(batch, batch["labels"]) == 12
+    scored = batch["labels"].clone()
+    scored[2, 10] = 7  # a label inside the prefix: stop so that no prefix position predicts it
+    assert shared_prefix(batch, scored) == 9
+    assert shared_prefix({k: v[:1] for k, v in batch.items()}, batch["labels"][:1]) == 0  # one row
+    short = collate_padded(_prompted_rows(prefix=MIN_PREFIX - 1), pad_token_id=0)
+    assert shared_prefix(short, short["labels"]) == 0  # not worth a second pass
+    packed = collate_packed(rows)
+    assert shared_prefix(packed, packed["labels"]) == 0  # no padding mask: a packed batch
+    same = collate_padded([rows[0]] * 3, pad_token_id=0)
+    same["labels"][:] = -100
+    assert shared_prefix(same, same["labels"]) == same["input_ids"].shape[1] - 1  # a position is left to every row
+
+
+def test_shared_prefix_under_dropout_trains_and_is_the_default_of_lorakit_train():
+    from lorakit.train.config import RunConfig
+
+    model = _model("llama", dropout=0.1)
+    batch = collate_padded(_prompted_rows(), pad_token_id=0)
+    loss, grads = _loss_and_grads(CausalLMLoss(model, share_prefix=True), model, batch)
+    assert torch.isfinite(loss) and all(g.abs().sum() > 0 for g in grads.values())
+    assert RunConfig().train.share_prefix
+    from lorakit.errors import LorakitError
+
+    with pytest.raises(LorakitError, match="train.share_prefix"):
+        RunConfig.from_dict({"train": {"share_prefix": "yes"}})

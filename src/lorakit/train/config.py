@@ -193,6 +193,12 @@ class TrainConfig:
     scaled logits, or an adapted head, use the model's own loss)."""
     loss_chunk: int | None = None
     """Answer tokens per chunk of the chunked loss (null: about 128 MiB of fp32 logits per chunk)."""
+    share_prefix: bool = True
+    """With the chunked loss on padded batches: the tokens every row of a micro-batch starts with
+    (a chat template's default system prompt, a shared instruction) and that no label scores run
+    through the model once, not once per row; the rows continue from that prefix's keys and values.
+    The same loss and gradients without dropout; with dropout the prefix draws one mask for the
+    micro-batch. Off with gradient checkpointing, packing and FSDP."""
     offload_activations: bool = False
     """CUDA only: keep the activations saved for backward in pinned CPU memory (with
     ``gradient_checkpointing``: only each layer's input). Less GPU memory, some speed; ignored on CPU."""
@@ -230,7 +236,7 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.dtype", self.dtype, DTYPES)
         _choice("train.device", self.device, DEVICES)
-        for name in ("chunked_loss", "offload_activations", "compile"):
+        for name in ("chunked_loss", "share_prefix", "offload_activations", "compile"):
             _bool(f"train.{name}", getattr(self, name))
         if self.loss_chunk is not None:
             _int("train.loss_chunk", self.loss_chunk, 1)

@@ -116,7 +116,10 @@ class Run:
         """Rows per optimizer step over all processes."""
         self.objective: torch.nn.Module = self.dist.wrap(
             CausalLMLoss(model, chunked=self.cfg.chunked_loss, chunk=self.cfg.loss_chunk,
-                         offload=self.cfg.offload_activations and device.type == "cuda"), model, device)
+                         offload=self.cfg.offload_activations and device.type == "cuda",
+                         share_prefix=(self.cfg.share_prefix and not self.cfg.gradient_checkpointing
+                                       and not (self.dist.enabled and self.dist.strategy == "fsdp"))),
+            model, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The fused AdamW kernel: one pass per tensor (on CPU 5× faster than the default per-op loop
         # over LoRA's hundreds of small tensors). FSDP's sharded parameters keep the default.
