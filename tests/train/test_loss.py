@@ -267,6 +267,8 @@ def test_shared_prefix_length_rules():
     assert shared_prefix(short, short["labels"]) == 0  # not worth a second pass
     packed = collate_packed(rows)
     assert shared_prefix(packed, packed["labels"]) == 0  # no padding mask: a packed batch
+    extra = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
+    assert shared_prefix(extra, batch["labels"]) == 0  # an input the prefix split does not know
     same = collate_padded([rows[0]] * 3, pad_token_id=0)
     same["labels"][:] = -100
     assert shared_prefix(same, same["labels"]) == same["input_ids"].shape[1] - 1  # a position is left to every row

@@ -91,18 +91,20 @@ class CausalLMLoss(nn.Module):
 
 
 MIN_PREFIX = 8  # shorter shared prefixes are not worth the second pass through the model
+_PREFIX_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "labels"})
 
 
 def shared_prefix(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> int:
     """How many leading tokens every row of a padded batch shares, none of them scored: 0 if fewer
-    than :data:`MIN_PREFIX`, for one row, or for a packed batch (positions that do not count up).
+    than :data:`MIN_PREFIX`, for one row, for a packed batch (positions that do not count up) or a
+    batch with other inputs than ids, mask and positions.
 
     The hidden state at position t predicts the label at t + 1, so a prefix of length p needs the
     labels at 1…p to be ignored; at least one position is left to every row.
     """
     ids, mask, positions = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
-    if ids.shape[0] < 2 or mask is None or ids.shape[1] <= MIN_PREFIX:
-        return 0
+    if ids.shape[0] < 2 or mask is None or ids.shape[1] <= MIN_PREFIX or set(batch) - _PREFIX_INPUTS:
+        return 0  # other inputs (token types, images, …) would have to be split too
     same = (ids == ids[:1]).all(0) & (mask == 1).all(0)  # (T,)
     length = int(same.int().cumprod(0).sum())
     scored = (labels != IGNORE).any(0).nonzero()
