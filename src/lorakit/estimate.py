@@ -306,11 +306,11 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
 
 def _dropout_record_bytes(s: Setup) -> float:
     """Bytes per element of a layer's input that its dropout keeps for backward: PEFT's bool mask, or
-    lorakit's dropped positions (int32, ``p`` per element) up to p = 0.25 and a byte mask above
+    lorakit's dropped positions (int64, ``p`` per element) up to p = 0.25 and a byte mask above
     (:func:`lorakit.adapters.fused.draw_dropped`)."""
     if s.dropout == 0:
         return 0.0
-    return 4 * s.dropout if s.engine == "lorakit" and s.dropout <= 0.25 else 1.0
+    return 8 * s.dropout if s.engine == "lorakit" and s.dropout <= 0.25 else 1.0
 
 
 def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None = None) -> Estimate:

@@ -15,7 +15,7 @@ nothing. What is notable here, against PEFT's implementation:
   with ``‖W‖²_row`` cached while W is unchanged (keyed by the tensor's version counter).
 - The whole layer (base product, dropout, low-rank path, rescale) is one autograd op,
   :class:`_DoraLinear`. It saves the input ``x`` (one tensor for q, k and v, which read the same
-  input), what dropout removed (positions, 0.2 bytes per element at p = 0.05), the rank-r ``h`` and its *output* ``c ⊙ u`` for the
+  input), what dropout removed (positions, 0.4 bytes per element at p = 0.05), the rank-r ``h`` and its *output* ``c ⊙ u`` for the
   magnitude gradient (``u = out / c``); where a later op keeps that output anyway (SiLU, the MLP
   product), DoRA adds nothing for it. No dropped-out copy of ``x`` and no separate ``W x`` is
   kept: on ``benchmarks/dora_qlora.py dora`` the activations went from 383 to 305 MiB against
