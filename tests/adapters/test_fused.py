@@ -244,3 +244,18 @@ def test_both_mask_regimes_keep_the_right_share():
         mask = fused.dropout_mask(torch.empty(500, 1000), p)
         assert abs(mask.float().mean().item() - (1 - p)) < 3e-3
         assert fused.keep_scale(p) * (1 - p) == pytest.approx(1.0, abs=2e-5)
+
+
+def test_masked_input_leaves_x_and_its_autograd_record_untouched():
+    """x ⊙ m is x with its dropped elements zeroed for one matmul and put back: x is bit-identical
+    afterwards, and other ops that saved x still pass autograd's version check."""
+    torch.manual_seed(0)
+    q, k = _layer(nn.Linear(16, 24), dropout=0.1), _layer(nn.Linear(16, 24), dropout=0.1)
+    x = torch.randn(40, 16, requires_grad=True)
+    h = x * 1.0  # a non-leaf, as a norm's output would be
+    before = h.detach().clone()
+    other = (h * h).sum()  # saves h for its backward
+    out = q(h).sum() + k(h).sum() + other
+    assert torch.equal(h.detach(), before) and h._version == 0
+    out.backward()
+    assert torch.equal(h.detach(), before) and x.grad is not None and torch.isfinite(x.grad).all()
