@@ -61,6 +61,11 @@ class Dist:
         return self.rank == 0
 
     @property
+    def sharded(self) -> bool:
+        """FSDP2 shards the frozen base over the processes."""
+        return self.enabled and self.strategy == "fsdp"
+
+    @property
     def loss_scale(self) -> float:
         """DDP averages gradients over processes; scaling each loss by W turns that into a sum."""
         return float(self.world) if self.enabled and self.strategy == "ddp" else 1.0
@@ -114,7 +119,7 @@ class Dist:
 
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the adapter gradients over processes (FSDP leaves them to us; DDP has done it)."""
-        if not self.enabled or self.strategy != "fsdp":
+        if not self.sharded:
             return
         grads = []
         for p in params:
@@ -133,7 +138,7 @@ class Dist:
     @contextmanager
     def unsharded(self, objective: torch.nn.Module):
         """With FSDP, gather the root parameters (embeddings, head) for a forward outside the objective."""
-        if not (self.enabled and self.strategy == "fsdp"):
+        if not self.sharded:
             yield
             return
         objective.unshard()

@@ -118,12 +118,12 @@ class Run:
             CausalLMLoss(model, chunked=self.cfg.chunked_loss, chunk=self.cfg.loss_chunk,
                          offload=self.cfg.offload_activations and device.type == "cuda",
                          share_prefix=(self.cfg.share_prefix and not self.cfg.gradient_checkpointing
-                                       and not (self.dist.enabled and self.dist.strategy == "fsdp"))),
+                                       and not self.dist.sharded)),
             model, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The fused AdamW kernel: one pass per tensor (on CPU 5× faster than the default per-op loop
         # over LoRA's hundreds of small tensors). FSDP's sharded parameters keep the default.
-        fused = device.type in ("cuda", "cpu") and not (self.dist.enabled and self.dist.strategy == "fsdp")
+        fused = device.type in ("cuda", "cpu") and not self.dist.sharded
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                            fused=fused or None)
         data = config.data

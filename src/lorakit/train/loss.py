@@ -29,6 +29,7 @@ Notable:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager, nullcontext
 
@@ -118,6 +119,12 @@ def shared_prefix(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> int:
     return length
 
 
+@functools.cache
+def _cache_argument(backbone_type: type) -> str:
+    # transformers ≥ 5.24 names the argument `cache` (`past_key_values` is deprecated there).
+    return "cache" if "cache" in inspect.signature(backbone_type.forward).parameters else "past_key_values"
+
+
 def _after_prefix(backbone: nn.Module, batch: dict[str, torch.Tensor], prefix: int) -> torch.Tensor:
     """The backbone's last hidden states of the tokens after ``prefix`` (B, T - prefix, d), with the
     shared prefix computed once (batch of one) and its keys/values repeated for every row."""
@@ -125,8 +132,7 @@ def _after_prefix(backbone: nn.Module, batch: dict[str, torch.Tensor], prefix: i
 
     ids = batch["input_ids"]
     cache = DynamicCache(config=getattr(backbone, "config", None))
-    # transformers ≥ 5.24 names the argument `cache` (`past_key_values` is deprecated there).
-    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    name = _cache_argument(type(backbone))
     backbone(input_ids=ids[:1, :prefix], use_cache=True, **{name: cache})
     cache.batch_repeat_interleave(ids.shape[0])  # (1, …) -> (B, …); its backward sums the rows
     rest = {"input_ids": ids[:, prefix:], "attention_mask": batch["attention_mask"]}  # the mask spans both parts

@@ -63,7 +63,7 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
 
     say = (lambda *a: None) if quiet else print
     check_reporters(config.train.report_to)
-    if dist.enabled and dist.strategy == "fsdp" and config.adapter.quantized:
+    if dist.sharded and config.adapter.quantized:
         raise LorakitError("train.distributed: fsdp does not shard an NF4 (qlora) base yet; use ddp, or "
                            "method: lora with fsdp")
     output = Path(config.output)
@@ -86,7 +86,7 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         for line in report.summary():
             say(line)
     # FSDP shards the base from the CPU onto each device: no device ever holds the whole base.
-    sharded = dist.enabled and dist.strategy == "fsdp"
+    sharded = dist.sharded
     model = load_model(config.model, dtype=dtype, device=torch.device("cpu") if sharded else device)
     if config.adapter.quantized:
         from lorakit.adapters.quant import quantize_model
