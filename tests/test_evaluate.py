@@ -143,7 +143,7 @@ def test_compare_reports_base_adapter_and_forgetting(tiny, tmp_path):
     for ex, out in zip(report["examples"], plain["predictions"]):
         assert ex["outputs"]["base"] == out
     written = write_reports(report, tmp_path / "rep")
-    assert [p.name for p in written] == ["report.md", "report.json", "examples.jsonl", "report.png"]
+    assert [p.name for p in written] == ["report.md", "report.json", "examples.jsonl", "report.html", "report.png"]
     assert (tmp_path / "rep/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "rep/report.md").read_text()
     assert "| answer loss ↓ |" in text and "| general-text loss ↓ |" in text and "ad (Δ)" in text

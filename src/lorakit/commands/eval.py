@@ -3,7 +3,8 @@
 Measures the base model and each adapter on the same file: answer loss and perplexity (the
 tokens training learns), greedy generations scored by exact/normalised match, contains, JSON
 validity (and a schema) or your own function, and the forgetting check on general English.
-Prints the table and writes ``report.md``, ``report.json``, ``examples.jsonl`` and ``report.png``.
+Prints the table and writes ``report.md``, ``report.json``, ``examples.jsonl``, ``report.html``
+(self-contained, opens offline) and ``report.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="FILE", help="evaluation data (any lorakit data format)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     parser.add_argument("--out", default="eval-report", metavar="DIR",
-                        help="folder for report.md/json, examples.jsonl and report.png (default: eval-report)")
+                        help="folder for report.md/json/html, examples.jsonl and report.png (default: eval-report)")
     parser.add_argument("--format", default="auto", help="data format (default: auto-detect)")
     parser.add_argument("--max-length", type=int, default=1024, help="truncate rows to this many tokens (default 1024)")
     parser.add_argument("--chat-template", default="auto", metavar="T", help="'auto', 'plain', or a Jinja template")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.evaluate.core import EvalConfig, answer_loss, evaluate, read_eval_data
+from lorakit.evaluate.core import EvalConfig, EvalData, answer_loss, evaluate, read_eval_data
 
 GENERAL_ENGLISH = str(Path(__file__).with_name("general_english.jsonl"))
 BASE = "base"
@@ -64,7 +64,8 @@ def compare(model: Any, tokenizer: Any, adapters: list[str], data: str, config: 
             results[name] = _measure(model, tokenizer, task, text, config, bar.update, pad_token_id(tokenizer))
     bar.close()
     set_active(model, active)  # leave the model as it came
-    return _report(results, names, task, text, config, data, general, sources or {}, time.time() - started)
+    return build_report(results, names, task, config, data, general=general, sources=sources,
+                        seconds=time.time() - started)
 
 
 def _measure(model, tokenizer, task, text, config, progress, pad) -> dict[str, Any]:
@@ -76,8 +77,25 @@ def _measure(model, tokenizer, task, text, config, progress, pad) -> dict[str, A
     return result
 
 
-def _report(results, names, task, text, config, data, general, sources, seconds) -> dict[str, Any]:
-    base = results[BASE]
+def build_report(results: dict[str, dict[str, Any]], names: list[str], task: EvalData, config: EvalConfig, data: str,
+                 *, general: str | None = None, sources: dict[str, str] | None = None,
+                 seconds: float = 0.0) -> dict[str, Any]:
+    """The report :func:`compare` returns, from each model's :func:`~lorakit.evaluate.core.evaluate`
+    result (plus ``general_loss``/``general_tokens`` when the forgetting check ran).
+
+    Args:
+        results: model name -> its measurement.
+        names: the models in report order; changes are measured from ``names[0]`` (the base).
+        task: the evaluation data as read (its examples give prompts and references).
+        config: the settings used.
+        data: the data file's name as the report shows it.
+        general: the general text's file name, when the forgetting check ran.
+        sources: model name -> adapter folder.
+        seconds: how long the measurement took.
+    """
+    sources = sources or {}
+    reference = names[0]
+    base = results[reference]
     models = []
     for name in names:
         r = results[name]
@@ -85,10 +103,10 @@ def _report(results, names, task, text, config, data, general, sources, seconds)
                  "tokens": r["tokens"], "rows": r["rows"], "metrics": r.get("metrics", {})}
         if "general_loss" in r:
             entry["general_loss"] = r["general_loss"]
-            if name != BASE:
+            if name != reference:
                 delta = r["general_loss"] - base["general_loss"]
                 entry["forgetting"] = {"delta": delta, "relative": delta / base["general_loss"]}
-        if name != BASE:
+        if name != reference:
             entry["loss_delta"] = r["loss"] - base["loss"]
         models.append(entry)
     examples = []

@@ -179,13 +179,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example]
         The decoded answers (special tokens removed, surrounding whitespace stripped), in order.
     """
     from lorakit.data.pipeline import pad_token_id
-    from lorakit.data.templates import PLAIN_TEMPLATE, render
 
     device = next(model.parameters()).device
-    prompts = []
-    for ex in examples:
-        text, _ = render(tokenizer, template, ex.prompt, add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=template == PLAIN_TEMPLATE)["input_ids"])
+    prompts = [generation_prompt(tokenizer, template, ex) for ex in examples]
     pad = pad_token_id(tokenizer)
     stop = _stop_ids(model, tokenizer)
     outputs: list[str] = [""] * len(examples)
@@ -207,6 +203,16 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example]
         if progress:
             progress(len(chunk))
     return outputs
+
+
+def generation_prompt(tokenizer: Any, template: str, example: Example) -> list[int]:
+    """The token ids an answer to ``example`` is generated from: its prompt rendered with ``template``
+    and the generation prompt, tokenised as training tokenises it (the template's own special
+    tokens; the tokenizer's only for the plain template)."""
+    from lorakit.data.templates import PLAIN_TEMPLATE, render
+
+    text, _ = render(tokenizer, template, example.prompt, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=template == PLAIN_TEMPLATE)["input_ids"])
 
 
 def _stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

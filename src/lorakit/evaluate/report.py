@@ -7,7 +7,9 @@ never holds half a report):
 - ``report.json``: every number, per model;
 - ``examples.jsonl``: per example, the prompt, the reference, each model's answer and scores;
 - ``report.png``: losses (left) and generation metrics (right) as grouped bars (needs
-  matplotlib; skipped with a note if it is missing).
+  matplotlib; skipped with a note if it is missing);
+- ``report.html``: all of it in one self-contained page that opens offline — the measures, a
+  chart and every example side by side with its differences marked (:mod:`lorakit.evaluate.html`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from lorakit.evaluate import html
 
 LABELS = {"exact_match": "exact match", "normalized_match": "normalised match", "contains": "contains",
           "json_valid": "JSON valid", "json_schema": "JSON schema valid"}
@@ -154,13 +158,14 @@ def chart(report: dict[str, Any], path: str | Path) -> bool:
 
 
 def write_reports(report: dict[str, Any], folder: str | Path) -> list[Path]:
-    """Write report.md, report.json, examples.jsonl and report.png into ``folder``; returns the paths."""
+    """Write report.md, report.json, examples.jsonl, report.html and report.png into ``folder``; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     summary = {k: v for k, v in report.items() if k != "examples"}
     texts = {"report.md": markdown(report), "report.json": json.dumps(summary, indent=2, allow_nan=True) + "\n",
-             "examples.jsonl": "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in report["examples"])}
+             "examples.jsonl": "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in report["examples"]),
+             "report.html": html.document(report)}
     for name, text in texts.items():
         written.append(_atomic(folder / name, lambda p, t=text: Path(p).write_text(t, encoding="utf-8")))
     if chart_path := _atomic_chart(report, folder / "report.png"):
