@@ -1,8 +1,10 @@
-"""``lorakit serve --base M [--adapter NAME=DIR …] [--adapter-root DIR] [--host 127.0.0.1] [--port 8000]``.
+"""``lorakit serve --base M [--adapter NAME=DIR …] [--adapter-root DIR] [--data-root DIR] [--host 127.0.0.1] [--port 8000]``.
 
 An OpenAI-compatible server (:mod:`lorakit.serve.http`) over one base model and many adapters:
 ``model`` in a request names an adapter, or the base model (``--served-model-name``, default
 ``--base`` as given) for none. Requests for different adapters share one continuous batch.
+The page at ``/`` (:mod:`lorakit.serve.page`) puts the models' answers side by side and compares
+them on a data file; ``--data-root DIR`` lets it pick files from DIR (uploads need nothing).
 
 Notable:
 
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the adapter in DIR as model NAME; repeat for several")
     parser.add_argument("--adapter-root", metavar="DIR",
                         help="allow loading adapters at run time, from folders under DIR only")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="let the page's compare view read data files under DIR (and under --adapter-root)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", metavar="K", default=os.environ.get(API_KEY_ENV),
@@ -55,16 +59,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    served = [app.state.server.model_name, *app.state.server.engine.registry.names()]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join(served)} at http://{host}:{args.port}/v1 (the page: http://{host}:{args.port}/)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def build_app(args: argparse.Namespace):
+    """The server's ASGI app for parsed ``lorakit serve`` arguments (the model and adapters loaded).
+
+    Raises:
+        LorakitError: a bad flag, folder or adapter.
+    """
     from lorakit.errors import LorakitError
 
     adapters = parse_adapters(args.adapter)
-    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
-        raise LorakitError(f"--adapter-root {args.adapter_root} is not a folder")
+    for flag, folder in (("--adapter-root", args.adapter_root), ("--data-root", args.data_root)):
+        if folder is not None and not Path(folder).is_dir():
+            raise LorakitError(f"{flag} {folder} is not a folder")
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: binding {args.host} without --api-key: anyone who can reach this port can use the "
               "server", file=sys.stderr)
-
-    import uvicorn
 
     from lorakit.serve.engine import Engine
     from lorakit.serve.http import create_app
@@ -76,12 +96,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.base, adapters, dtype=args.dtype, device=args.device,
                                     max_batch=args.max_batch, max_resident=args.max_loaded,
                                     max_rank=args.max_rank, max_context=args.max_context)
-    app = create_app(engine, name, api_key=args.api_key, adapter_root=args.adapter_root,
-                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {', '.join([name, *adapters])} at http://{host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    return create_app(engine, name, api_key=args.api_key, adapter_root=args.adapter_root, data_root=args.data_root,
+                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

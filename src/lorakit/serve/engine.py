@@ -25,11 +25,12 @@ LoRA. Merge those into the base with ``lorakit merge``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,27 @@ class Engine:
             except AdapterNotFoundError:  # unloaded meanwhile
                 pass
         return infos
+
+    @contextlib.contextmanager
+    def exclusive(self, adapter: str | None, rows: int) -> Iterator[nn.Module]:
+        """The engine's model between two steps, computing as ``adapter`` (None: the base) for
+        batches of ``rows`` rows: for forwards outside the generation batch (the page's answer-token
+        loss). No step runs meanwhile, so hold it for one forward at a time.
+
+        Raises:
+            AdapterNotFoundError: ``adapter`` is not loaded.
+            AdapterSlotsBusyError: it is not resident and running requests pin every slot.
+        """
+        with self._step_lock, torch.inference_mode():
+            slot = self.registry.acquire(adapter)
+            context = self.registry.context
+            context.plan = LoraBatch.build([slot] * rows, self.registry.slot_ranks(), self.registry.max_resident,
+                                           self.device, self.strategy)
+            try:
+                yield self.model
+            finally:
+                context.plan = None
+                self.registry.release(slot)
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/load_lora_adapter``,
-``POST /v1/unload_lora_adapter`` (vLLM's bodies), ``GET /health``, ``GET /metrics``.
+``POST /v1/unload_lora_adapter`` (vLLM's bodies), ``GET /health``, ``GET /metrics``, and the page
+at ``GET /`` with its compare endpoints (:mod:`lorakit.serve.page`).
 A request's ``model`` names an adapter; the base model's name means no adapter.
 
 Notable:
@@ -24,7 +25,7 @@ Notable:
 - Request and response shapes live in :mod:`lorakit.serve.protocol`, the counters in
   :mod:`lorakit.serve.metrics`, the body limit and the in-thread server in :mod:`lorakit.serve.asgi`.
 - Security: the CLI binds 127.0.0.1 unless told otherwise; with an API key, ``/v1/*`` needs
-  ``Authorization: Bearer KEY`` (``/health`` and ``/metrics`` stay open, as in vLLM). Runtime
+  ``Authorization: Bearer KEY`` (``/health``, ``/metrics`` and the page's static files stay open). Runtime
   loading is off unless an adapter root is given, and then loads only safetensors adapters whose
   real path (symlinks resolved) lies inside it.
 """
@@ -54,6 +55,7 @@ from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from lorakit.serve.asgi import BodyLimit, CountResponses
 from lorakit.serve.engine import ContextLengthExceededError, Engine
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.page import add_page
 from lorakit.serve.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
                                     UnloadAdapterRequest, chat_body, chunk, completion_body, parse_request, sse,
                                     usage_chunk)
@@ -66,7 +68,8 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, adapter_root: str | Path | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               data_root: str | Path | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app serving ``engine``; it starts the engine's thread on startup (and stops it on
     shutdown if it started it).
 
@@ -76,11 +79,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, a
         api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
         adapter_root: the folder ``/v1/load_lora_adapter`` may load from; None turns runtime
             loading and unloading off.
+        data_root: a folder whose data files the page's compare view may read (as it may those
+            under ``adapter_root``); uploads work without one.
         max_queue: generations waiting beyond the engine's ``max_batch`` before answering 429.
         max_body_bytes: the largest request body (413 above it).
 
     Raises:
-        LorakitError: an adapter root that is not a folder, or a bad limit.
+        LorakitError: an adapter or data root that is not a folder, or a bad limit.
     """
     if max_body_bytes < 1:
         raise LorakitError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
@@ -104,6 +109,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, a
     app.add_api_route("/v1/unload_lora_adapter", server.unload_adapter, methods=["POST"], dependencies=auth)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
+    roots = {label: root for label, root in (("data", data_root), ("adapter", adapter_root)) if root is not None}
+    add_page(app, engine, server.adapter_for, auth, data_roots=roots, max_upload_bytes=max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
