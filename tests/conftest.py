@@ -76,3 +76,36 @@ def smollm2_path():
     from lorakit.models import resolve
 
     return resolve("smollm2-135m-instruct")
+
+
+# -- headless Chromium (tests/browser.py) -------------------------------------------------------------
+
+_ARTIFACTS: list = []
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Where browser tests save their screenshots (named in the run's closing summary)."""
+    folder = tmp_path_factory.getbasetemp() / "artifacts"
+    _ARTIFACTS.append(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(artifacts):
+    """One headless Chromium per test module; skipped, with the reason, where none is installed."""
+    from browser import Browser, find_browser
+
+    found = find_browser()
+    if isinstance(found, str):
+        pytest.skip(found)
+    window = Browser(*found, artifacts)
+    yield window
+    window.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for folder in _ARTIFACTS:
+        shots = sorted(folder.glob("*.png")) if folder.is_dir() else []
+        if shots:
+            terminalreporter.write_line(f"browser screenshots ({len(shots)}): {folder}")
