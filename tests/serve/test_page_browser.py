@@ -79,8 +79,15 @@ def test_the_page_loads_without_console_errors(served):
 
 def test_base_and_two_adapters_answer_as_the_engines_greedy_output(served):
     browser = open_page(served)
-    send(browser, PROMPT, 24)
-    browser.wait(ALL_DONE, what="three finished answers")
+    shapes = []
+    hook = served["engine"].model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        send(browser, PROMPT, 24)
+        browser.wait(ALL_DONE, what="three finished answers")
+    finally:
+        hook.remove()
+    assert (3, 1) in shapes  # the three requests were decoded together, one batch row each
     shown = answers(browser)
     browser.screenshot("three-answers")
     messages = [{"role": "user", "content": PROMPT}]
@@ -98,6 +105,20 @@ def test_base_and_two_adapters_answer_as_the_engines_greedy_output(served):
         history = messages + [{"role": "assistant", "content": shown[model]["text"]},
                               {"role": "user", "content": "And in one word?"}]
         assert second[model]["text"] == greedy(served, model, history, 6).text
+    assert browser.errors() == []
+
+
+def test_completion_mode_sends_the_prompt_as_it_is(served):
+    browser = open_page(served)
+    browser.click("#mode button[data-mode=text]")
+    assert browser.js("return document.getElementById('system-field').hidden")
+    send(browser, "The lantern", 10)
+    browser.wait(ALL_DONE, what="three completions")
+    shown = answers(browser)
+    for model in MODELS:
+        want = served["engine"].submit(prompt="The lantern", adapter=None if model == BASE else model,
+                                       params=SamplingParams(max_tokens=10, temperature=0)).result()
+        assert shown[model]["text"] == want.text and shown[model]["finish"] == want.finish_reason
     assert browser.errors() == []
 
 

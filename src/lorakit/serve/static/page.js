@@ -421,7 +421,6 @@ async function runCompare() {
       if (event.object === "lorakit.compare.progress") showProgress(event.done, event.total);
       if (event.object === "lorakit.compare.report") {
         $("compare-result").innerHTML = event.html;  // the server's escaped report (lorakit.evaluate.html)
-        $("compare-result").dataset.report = JSON.stringify(event.report.models);
       }
     });
   } catch (err) {
