@@ -31,6 +31,7 @@ Security:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -55,6 +56,8 @@ from lorakit.serve.compare import CompareCancelled, compare_on_engine
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError, parse_request, sse
 
+log = logging.getLogger(__name__)
+
 STATIC = Path(__file__).with_name("static")
 ASSETS = {  # name under /ui/ -> (file, media type)
     "page.js": (STATIC / "page.js", "text/javascript; charset=utf-8"),
@@ -73,7 +76,7 @@ MAX_ROWS = 2000
 """The most rows one comparison measures."""
 MAX_LISTED = 500
 _UPLOAD_SUFFIXES = {s for s, kind in SUFFIXES.items() if kind != "parquet"}  # text formats
-_NOT_DATA = re.compile(r"^(.*config|tokenizer.*|special_tokens_map|report|metrics|examples)\.jsonl?$")
+_NOT_DATA = re.compile(r"^(.*config|tokenizer.*|special_tokens_map|trainer_state|report|metrics|examples)\.jsonl?$")
 _SKIP_DIRS = {"checkpoints", "__pycache__", "node_modules"}
 
 
@@ -241,10 +244,11 @@ class _Page:
             self._finish(folder)
             raise
 
-        def run() -> dict[str, Any]:
+        def run() -> tuple[dict[str, Any], str]:
             try:
-                return compare_on_engine(self.engine, models, str(path), config, label=label, progress=job.progress,
-                                         cancel=job.cancel)
+                report = compare_on_engine(self.engine, models, str(path), config, label=label, progress=job.progress,
+                                           cancel=job.cancel)
+                return report, report_html.fragment(report)  # here, not on the event loop: diffs take time
             finally:
                 self._finish(folder)
 
@@ -270,8 +274,8 @@ class _Page:
                     yield sse(_as_api_error(value).body())
                     break
                 else:
-                    yield sse({"object": "lorakit.compare.report", "report": _finite(value),
-                               "html": report_html.fragment(value)})
+                    report, fragment = value
+                    yield sse({"object": "lorakit.compare.report", "report": _finite(report), "html": fragment})
                     break
                 event = await job.next()
             yield sse("[DONE]")
@@ -288,11 +292,13 @@ class _CompareJob:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._last = 0.0
 
-    def start(self, run: Callable[[], dict[str, Any]]) -> None:
+    def start(self, run: Callable[[], tuple[dict[str, Any], str]]) -> None:
         def target() -> None:
             try:
                 self._put("report", run())
             except BaseException as err:  # noqa: BLE001 - every failure is reported to the client
+                if not isinstance(err, LorakitError):
+                    log.exception("the comparison failed")
                 self._put("error", err)
 
         threading.Thread(target=target, name="lorakit-compare", daemon=True).start()
@@ -304,7 +310,10 @@ class _CompareJob:
             self._put("progress", (done, total))
 
     def _put(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the server stopped (its loop is closed): nobody is listening
+            self.cancel.set()
 
     async def next(self) -> tuple[str, Any]:
         return await self.events.get()
