@@ -148,10 +148,10 @@ def _answers(engine: Engine, task: EvalData, models: dict[str, str | None], budg
         for job in itertools.islice(jobs, engine.max_batch):
             submit(job)
         while pending:
+            work.check()
             try:
                 job = finished.get(timeout=0.1)
             except queue.Empty:
-                work.check()
                 continue
             completion = pending.pop(job).completion
             name, i = job
