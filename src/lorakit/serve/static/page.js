@@ -87,7 +87,7 @@ function setStatus(ok, text) {
 
 async function connect() {
   try {
-    const body = await (await api("/v1/models")).json();
+    const body = await (await api("v1/models")).json();
     state.models = body.data.map((m) => ({ id: m.id, parent: m.parent, context: m.max_model_len }));
     const base = state.models.find((m) => !m.parent);
     const adapters = state.models.length - 1;
@@ -257,12 +257,12 @@ async function send(event) {
       const history = state.histories[id] || (state.histories[id] = []);
       history.push({ role: "user", content: prompt });
       const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
-      path = "/v1/chat/completions";
+      path = "v1/chat/completions";
       body = Object.assign({ model: id, messages }, settings);
       addTurn(c, "user", prompt);
     } else {
       c.body.replaceChildren();
-      path = "/v1/completions";
+      path = "v1/completions";
       body = Object.assign({ model: id, prompt }, settings);
       addTurn(c, "prompt", prompt);
     }
@@ -351,7 +351,7 @@ function setMode(mode) {
 
 async function loadDataFiles() {
   try {
-    state.dataFiles = await (await api("/v1/lorakit/data_files")).json();
+    state.dataFiles = await (await api("v1/lorakit/data_files")).json();
   } catch (err) {
     failed(err);
     return;
@@ -415,7 +415,7 @@ async function runCompare() {
   $("compare-progress").hidden = false;
   showProgress(0, 0);
   try {
-    const response = await api("/v1/lorakit/compare", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
+    const response = await api("v1/lorakit/compare", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     await readEvents(response, (event) => {
       if (event.error) throw new ApiError(500, event.error.message);
       if (event.object === "lorakit.compare.progress") showProgress(event.done, event.total);
