@@ -3,8 +3,9 @@
 Routes (added to the app by :func:`add_page`):
 
 - ``GET /``: the page (``static/index.html``); ``GET /ui/{file}``: its script, stylesheets and
-  icon, from a fixed list (the icon also as ``/favicon.ico``). Plain HTML, CSS and JavaScript shipped in the package: no build step,
-  nothing fetched from elsewhere. The playground talks to the OpenAI-compatible routes
+  icon, from a fixed list (the icon also as ``/favicon.ico``). Plain HTML, CSS and JavaScript
+  shipped in the package: no build step, nothing fetched from elsewhere. The playground talks to
+  the OpenAI-compatible routes
   (``/v1/models``, streaming ``/v1/chat/completions`` and ``/v1/completions``), one request per
   chosen model at once, so the engine answers them in one batch.
 - ``GET /v1/lorakit/data_files``: the data files under the server's data roots (``--data-root``,
