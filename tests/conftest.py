@@ -85,8 +85,12 @@ _ARTIFACTS: list = []
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
-    """Where browser tests save their screenshots (named in the run's closing summary)."""
-    folder = tmp_path_factory.getbasetemp() / "artifacts"
+    """Where browser tests save their screenshots (named in the run's closing summary):
+    ``$LORAKIT_TEST_ARTIFACTS`` if set, else ``artifacts/`` in pytest's temporary folder."""
+    from pathlib import Path
+
+    chosen = os.environ.get("LORAKIT_TEST_ARTIFACTS")
+    folder = Path(chosen) if chosen else tmp_path_factory.getbasetemp() / "artifacts"
     _ARTIFACTS.append(folder)
     return folder
 

@@ -234,6 +234,8 @@ def test_the_compare_view_on_a_10_row_file_shows_lorakit_evals_metrics(served):
                 assert float(shown) == value
     browser.js("document.getElementById('compare-result').scrollIntoView()")
     browser.screenshot("compare-view")
+    browser.js("document.querySelector('#compare-result .lk-examples').scrollIntoView()")
+    browser.screenshot("compare-view-answers")
     assert browser.errors() == []
 
 
