@@ -67,6 +67,18 @@ def test_the_page_and_its_files_need_no_key_and_carry_a_strict_csp(server):
     assert get(server, "/v1/lorakit/data_files", key="wrong").status_code == 401
 
 
+def test_the_page_fetches_nothing_from_elsewhere():
+    """No CDN, no web font, no remote script: the only URL in the page's files is SVG's namespace."""
+    import re
+
+    from lorakit.serve.page import STATIC
+
+    for path in [STATIC / "index.html", *(path for path, _ in ASSETS.values())]:
+        text = path.read_text()
+        assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", text), path.name
+        assert "@import" not in text and "url(" not in text, path.name
+
+
 def test_data_files_lists_data_under_the_roots_only(server, tmp_path):
     world = server["world"]
     outside = tmp_path / "secret.jsonl"
