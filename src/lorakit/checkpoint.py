@@ -1,25 +1,14 @@
-"""Save and load adapters in PEFT's file format, key for key (REFERENCE.md "PEFT adapter format").
+"""Save and load a model's adapters as PEFT adapter folders, key for key.
 
-A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. In the file, the adapter
-name is dropped from each key and every key is prefixed ``base_model.model.``::
-
-    model key:  model.layers.0.self_attn.q_proj.lora_A.default.weight
-    file key:   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-    model key:  lm_head.modules_to_save.default.weight      file key: base_model.model.lm_head.weight
-
-Several adapters in one folder are laid out as PEFT does: ``default`` at the top, every other
-adapter in a sub-folder named after it.
-
-Tensors load from safetensors only. A pickle ``adapter_model.bin`` is refused unless the caller
-opts in (``allow_pickle=True``), and is then read with ``torch.load(weights_only=True)``.
-Loading checks every key and shape before anything is kept: a failed load leaves the model as it
-was.
+The format itself (file names, key mapping, which tensors are an adapter's, the multi-adapter
+layout) is :mod:`lorakit.adapters.peft_format`; this module moves a model's tensors in and out of
+it. Loading checks every key and shape before anything is kept: a failed load leaves the model as
+it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import torch
@@ -29,15 +18,12 @@ from lorakit._fs import atomic_write
 from lorakit.adapters import pissa
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraLayer, LoraLinear
+from lorakit.adapters.peft_format import (WEIGHTS_NAME, adapter_folder, adapter_folders, file_key, module_of,
+                                          part_file_key, read_tensors, with_prefix, without_prefix)
 from lorakit.errors import LorakitError
 from lorakit.inject import (
     add_adapter, adapter_configs, bias_parameters, delete_adapter, named_adapter_layers, set_active,
 )
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -48,24 +34,19 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     config = adapter_configs(model).get(name)
     if config is None:
         raise LorakitError(f"no adapter named {name!r} to save")
-    return {file_key: tensor.detach().clone().contiguous()
-            for file_key, (_, tensor) in _adapter_entries(model, name, config).items()}
+    return {key: tensor.detach().clone().contiguous()
+            for key, (_, tensor) in _adapter_entries(model, name, config).items()}
 
 
 def _adapter_entries(model: nn.Module, name: str, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor]]:
     """file key -> (model key, the model's tensor) for every tensor adapter ``name`` owns."""
     entries = {}
-    tag = re.escape(name)
     for key, tensor in model.state_dict(keep_vars=True).items():
-        file_key = None
-        if re.search(rf"\.({'|'.join(_ADAPTER_PARTS)})\.{tag}(\.|$)", key):
-            file_key = re.sub(rf"\.({'|'.join(_ADAPTER_PARTS)})\.{tag}(\.|$)", r".\1\2", key)
-        elif f".modules_to_save.{name}." in key or key.startswith(f"modules_to_save.{name}."):
-            file_key = key.replace(f"modules_to_save.{name}.", "")
-        if file_key is not None:
-            entries[PREFIX + file_key] = (key, tensor)
+        saved_as = file_key(key, name)
+        if saved_as is not None:
+            entries[saved_as] = (key, tensor)
     for key, param in bias_parameters(model, config.bias).items():
-        entries[PREFIX + key] = (key, param)
+        entries[with_prefix(key)] = (key, param)
     return entries
 
 
@@ -82,7 +63,7 @@ def _embedding_entries(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
         if any(module is w for w in wanted):
             for param_name, param in module.named_parameters(recurse=False):
                 key = f"{module_name}.{param_name}"
-                entries[PREFIX + key] = (key, param)
+                entries[with_prefix(key)] = (key, param)
     return entries
 
 
@@ -119,7 +100,7 @@ def save_adapter(
     for name in names:
         if name not in configs:
             raise LorakitError(f"no adapter named {name!r} (loaded: {', '.join(configs) or 'none'})")
-        out = Path(folder) if name == "default" else Path(folder) / name
+        out = adapter_folder(folder, name)
         out.mkdir(parents=True, exist_ok=True)
         config = configs[name]
         base = base_model_name_or_path or config.base_model_name_or_path or model_name(model)
@@ -139,8 +120,8 @@ def _pissa_as_lora(model: nn.Module, name: str, config: LoraConfig, tensors: dic
     for module_name, layer in named_adapter_layers(model):
         if isinstance(layer, LoraLinear) and name in layer.options:
             A, B = pissa.to_lora(layer, name)
-            tensors[f"{PREFIX}{module_name}.lora_A.weight"] = A.contiguous()
-            tensors[f"{PREFIX}{module_name}.lora_B.weight"] = B.contiguous()
+            tensors[part_file_key(module_name, "lora_A")] = A.contiguous()
+            tensors[part_file_key(module_name, "lora_B")] = B.contiguous()
     # Doubling r keeps s = alpha/r with alpha doubled, or s = alpha/√r with alpha × √2 (rsLoRA).
     factor = 2 ** 0.5 if config.use_rslora else 2
     return dataclasses.replace(
@@ -188,7 +169,7 @@ def load_adapter(
         raise LorakitError(f"adapter folder {folder} does not exist")
     _refuse_spectrum(folder)
     config = LoraConfig.load(folder)
-    tensors, source = read_adapter_tensors(folder, allow_pickle=allow_pickle)
+    tensors, source = read_tensors(folder, allow_pickle=allow_pickle)
     config = dataclasses.replace(config, inference_mode=not trainable)
     try:
         add_adapter(model, config, name, activate=False, strict_targets=False)
@@ -218,12 +199,9 @@ def load_adapters(model: nn.Module, folder: str | Path, trainable: bool = False)
     sub-folders); the first becomes active. Returns their names."""
     folder = Path(folder)
     names = []
-    if (folder / CONFIG_NAME).is_file():
-        load_adapter(model, folder, "default", trainable=trainable, activate=False)
-        names.append("default")
-    for sub in sorted(p for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []:
-        load_adapter(model, sub, sub.name, trainable=trainable, activate=False)
-        names.append(sub.name)
+    for name, path in adapter_folders(folder):
+        load_adapter(model, path, name, trainable=trainable, activate=False)
+        names.append(name)
     if not names:
         _refuse_spectrum(folder)
         raise LorakitError(f"{folder}: no {CONFIG_NAME} here or in its sub-folders")
@@ -231,40 +209,11 @@ def load_adapters(model: nn.Module, folder: str | Path, trainable: bool = False)
     return names
 
 
-def read_adapter_tensors(folder: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
-    """The adapter file's tensors (on CPU) and the path they came from."""
-    folder = Path(folder)
-    path = folder / WEIGHTS_NAME
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path), path
-        except Exception as err:  # safetensors raises its own error type for bad headers/sizes
-            raise LorakitError(
-                f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt — "
-                "save or copy the adapter again"
-            ) from None
-    path = folder / PICKLE_WEIGHTS_NAME
-    if path.is_file():
-        if not allow_pickle:
-            raise LorakitError(
-                f"{path}: a pickle file, refused because unpickling can run arbitrary code; convert it "
-                "to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) to read it "
-                "with torch.load(weights_only=True)"
-            )
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as err:
-            raise LorakitError(f"{path}: cannot be loaded safely (weights_only=True): {err}") from None
-    raise LorakitError(f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in this folder")
-
-
 def _copy_into_model(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
     entries = _adapter_entries(model, name, adapter_configs(model)[name])
     optional = _embedding_entries(model)
     # Files written without the prefix (seen in the wild) are read too.
-    tensors = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    tensors = {with_prefix(without_prefix(k)): v for k, v in tensors.items()}
     missing = sorted(set(entries) - set(tensors))
     unexpected = sorted(set(tensors) - set(entries) - set(optional))
     entries = {**optional, **entries}
@@ -281,7 +230,7 @@ def _copy_into_model(model: nn.Module, name: str, tensors: dict[str, torch.Tenso
     for file_key, tensor in tensors.items():
         model_key, target = entries[file_key]
         if tuple(tensor.shape) != tuple(target.shape):
-            module = re.sub(rf"\.({'|'.join(_ADAPTER_PARTS)}|modules_to_save)\..*$", "", model_key)
+            module = module_of(model_key)
             raise LorakitError(
                 f"{source}: {file_key} has shape {tuple(tensor.shape)} but module {module} of the base "
                 f"model needs {tuple(target.shape)}; the adapter was trained on a different base model"

@@ -49,33 +49,12 @@ from torch import nn
 from lorakit._fs import replace_folder
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraEmbedding, LoraLinear
+from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, part_file_key, read_factors
 from lorakit.errors import LorakitError
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 DEFAULT_DENSITY = 0.5
-
-
-@dataclass
-class Factors:
-    """One adapter's update of one module: ``ΔW = scale · B @ A``.
-
-    Linear layers: A (r, in), B (out, r). Embeddings keep PEFT's layout, A (r, vocab), B (dim, r),
-    whose product is ΔWᵀ; combining works on the product either way.
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    bias: torch.Tensor | None = None  # lora_B.bias as stored (multiplied by scale in the update)
-    embedding: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        return (self.B.double() @ self.A.double()) * self.scale  # (out, in) fp64
 
 
 @dataclass
@@ -212,20 +191,14 @@ class CombineResult:
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """``adapter_model.safetensors`` content (fp32, contiguous)."""
-        from lorakit.checkpoint import PREFIX
-
         out = {}
         for name, c in self.modules.items():
-            key = PREFIX + name
-            if c.embedding:
-                out[f"{key}.lora_embedding_A"] = c.A.float().contiguous()
-                out[f"{key}.lora_embedding_B"] = c.B.float().contiguous()
-                continue
-            out[f"{key}.lora_A.weight"] = c.A.float().contiguous()
-            out[f"{key}.lora_B.weight"] = c.B.float().contiguous()
-            if self.config.lora_bias:
+            a, b = ("lora_embedding_A", "lora_embedding_B") if c.embedding else ("lora_A", "lora_B")
+            out[part_file_key(name, a)] = c.A.float().contiguous()
+            out[part_file_key(name, b)] = c.B.float().contiguous()
+            if self.config.lora_bias and not c.embedding:
                 bias = c.bias if c.bias is not None else torch.zeros(c.B.shape[0])
-                out[f"{key}.lora_B.bias"] = bias.float().contiguous()
+                out[part_file_key(name, "lora_B.bias")] = bias.float().contiguous()
         return out
 
 
@@ -367,38 +340,6 @@ def _combined_config(configs: list[LoraConfig], parts: list[dict[str, Factors]],
 # -- from folders, and on a loaded model ---------------------------------------------------------
 
 
-def read_factors(folder: str | Path, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, Factors]]:
-    """An adapter folder's config and per-module factors (scaling from its config)."""
-    from lorakit.checkpoint import PREFIX, read_adapter_tensors
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LorakitError(f"adapter folder {folder} does not exist")
-    config = LoraConfig.load(folder)
-    tensors, source = read_adapter_tensors(folder, allow_pickle=allow_pickle)
-    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
-    factors: dict[str, Factors] = {}
-    for key in tensors:
-        for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
-                                              (".lora_embedding_A", ".lora_embedding_B", True)):
-            if not key.endswith(a_suffix):
-                continue
-            name = key[: -len(a_suffix)]
-            B = tensors.get(name + b_suffix)
-            A = tensors[key]
-            if B is None or A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-                raise LorakitError(f"{source}: {name} has lora A {tuple(A.shape)} but lora B "
-                                   f"{None if B is None else tuple(B.shape)}; the file is inconsistent")
-            factors[name] = Factors(A.float(), B.float(), _scaling(config, name, A.shape[0]),
-                                    tensors.get(name + ".lora_B.bias"), embedding)
-    return config, factors
-
-
-def _scaling(config: LoraConfig, name: str, r: int) -> float:
-    alpha = config.alpha_for(name)
-    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
-
-
 def model_factors(model: nn.Module, name: str) -> tuple[LoraConfig, dict[str, Factors]]:
     """Adapter ``name``'s config and per-module factors, read off a model's LoRA layers."""
     from lorakit.inject import adapter_configs, named_adapter_layers
@@ -473,8 +414,6 @@ def combine_folders(folders: Sequence[str | Path], out: str | Path, weights: Seq
             ``overwrite``).
     """
     from safetensors.torch import save_file
-
-    from lorakit.checkpoint import WEIGHTS_NAME
 
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):

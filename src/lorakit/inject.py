@@ -29,14 +29,13 @@ from torch import nn
 
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.lora import AdapterOptions, LoraLayer, is_linear, wrap
+from lorakit.adapters.peft_format import is_adapter_tensor, is_wrapper_module
 from lorakit.adapters.saved_modules import ModulesToSave
 from lorakit.errors import LorakitError
 
 STATE_ATTR = "lorakit_state"
 _HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")  # never targeted by all-linear
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Parameters owned by adapters (as opposed to the base model's, including wrapped base layers).
-_ADAPTER_TENSOR = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save|original_module)\.")
 
 
 # -- public API ----------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ def bias_parameters(model: nn.Module, mode: str) -> dict[str, nn.Parameter]:
         return {}
     found = {}
     for key, param in model.named_parameters():
-        if not key.endswith("bias") or _ADAPTER_TENSOR.search(key):
+        if not key.endswith("bias") or is_adapter_tensor(key):
             continue
         if mode == "all" or (mode == "lora_only" and key.endswith("base_layer.bias")):
             found[key] = param
@@ -282,15 +281,9 @@ def _candidate_names(model: nn.Module) -> list[str]:
     # Every module name a user could mean, without our own internals (base_layer, lora_A.x, …).
     names = []
     for name, _ in model.named_modules():
-        if name and not _is_adapter_key(name + "."):
+        if name and not is_wrapper_module(name):
             names.append(name)
     return names
-
-
-def _is_adapter_key(key: str) -> bool:
-    return bool(re.search(
-        r"(^|\.)(base_layer|lora_A|lora_B|lora_dropout|lora_embedding_A|lora_embedding_B|"
-        r"original_module|modules_to_save)\.", key))
 
 
 def _name_matches(targets: list[str], name: str) -> bool:

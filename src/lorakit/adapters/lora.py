@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters import dora, fused, pissa, quant
+from lorakit.adapters import dora, fused, peft_format, pissa, quant
 from lorakit.errors import LorakitError
 
 
@@ -59,13 +59,11 @@ class AdapterOptions:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return peft_format.scaling(self.alpha, self.r, self.use_rslora)
 
 
 class LoraLayer(nn.Module):
     """Bookkeeping shared by every LoRA layer: names, scaling, active/merged sets, merging."""
-
-    adapter_attrs: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -81,6 +79,11 @@ class LoraLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.options)
+
+    @property
+    def adapter_attrs(self) -> tuple[str, ...]:
+        """The per-adapter containers: every child named ``lora_*`` (:func:`peft_format.is_adapter_container`)."""
+        return tuple(n for n, _ in self.named_children() if peft_format.is_adapter_container(n))
 
     def add(self, name: str, options: AdapterOptions) -> None:
         """Create adapter ``name`` (fp32 if the base weight is half precision) and initialise it."""
@@ -235,8 +238,6 @@ class LoraLinear(LoraLayer):
     :func:`lorakit.adapters.quant.nf4_linear`). DoRA adapters (``use_dora``) rescale the base
     output per row (:mod:`lorakit.adapters.dora`)."""
 
-    adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
-
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
@@ -385,8 +386,6 @@ class LoraLinear(LoraLayer):
 
 class LoraEmbedding(LoraLayer):
     """LoRA over ``nn.Embedding``: ``E[ids] + s · (A[:, ids])ᵀ Bᵀ``, A (r×vocab), B (dim×r)."""
-
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)

@@ -79,13 +79,12 @@ def serving_check(report: dict[str, Any], server: str) -> dict[str, Any]:
 
 def inspect_folder(folder: Path) -> list[dict[str, Any]]:
     """One report per adapter in ``folder`` (``default`` at the top, others in sub-folders)."""
-    from lorakit.adapters.config import CONFIG_NAME
+    from lorakit.adapters.peft_format import CONFIG_NAME, adapter_folders
     from lorakit.errors import LorakitError
 
     if not folder.is_dir():
         raise LorakitError(f"{folder} is not a folder")
-    found = [("default", folder)] if (folder / CONFIG_NAME).is_file() else []
-    found += [(sub.name, sub) for sub in sorted(folder.iterdir()) if (sub / CONFIG_NAME).is_file()]
+    found = adapter_folders(folder)
     if not found:
         raise LorakitError(f"{folder}: no {CONFIG_NAME} here or in its sub-folders; not an adapter folder")
     return [inspect_adapter(name, path) for name, path in found]
@@ -94,25 +93,15 @@ def inspect_folder(folder: Path) -> list[dict[str, Any]]:
 def inspect_adapter(name: str, folder: Path) -> dict[str, Any]:
     """Facts about one adapter folder, from its config and the safetensors header."""
     from lorakit.adapters.config import LoraConfig
-    from lorakit.checkpoint import WEIGHTS_NAME, PREFIX
-    from lorakit.errors import LorakitError
-    from safetensors import safe_open
+    from lorakit.adapters.peft_format import read_shapes, split_file_key
 
     config = LoraConfig.load(folder)
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise LorakitError(f"{path}: missing (lorakit reads safetensors adapters only)")
-    shapes: dict[str, tuple[int, ...]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    except Exception as err:
-        raise LorakitError(f"{path}: not a readable safetensors file ({err})") from None
-    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))})
-    modules = sorted({k[len(PREFIX):].split(".lora_")[0] for k in shapes if ".lora_" in k})
+    shapes, path = read_shapes(folder)
+    parts = {key: split for key in shapes if (split := split_file_key(key)) is not None}  # key -> (module, part)
+    ranks = sorted({shapes[key][0] for key, (_, part) in parts.items() if part in ("lora_A", "lora_embedding_A")})
+    modules = sorted({module for module, _ in parts.values()})
     module_types = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    dora = config.use_dora or any(k.endswith("lora_magnitude_vector") for k in shapes)
+    dora = config.use_dora or any(part == "lora_magnitude_vector" for _, part in parts.values())
     variant = "DoRA" if dora else "LoRA"
     if config.use_rslora:
         variant = "rs" + variant

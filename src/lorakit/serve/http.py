@@ -48,7 +48,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.adapters.config import CONFIG_NAME
-from lorakit.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from lorakit.adapters.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name
 from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE

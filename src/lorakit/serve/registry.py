@@ -34,7 +34,7 @@ from torch import nn
 from lorakit.adapters import dora
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.lora import is_conv1d
-from lorakit.checkpoint import PREFIX, read_adapter_tensors
+from lorakit.adapters.peft_format import module_scaling, part_file_key, read_adapter
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name, find_targets, set_submodule
 from lorakit.serve.layers import NO_ADAPTER, BatchedLoraLinear, SlotContext
@@ -258,13 +258,13 @@ class AdapterRegistry:
             raise LorakitError(f"adapter folder {folder} does not exist")
         config = LoraConfig.load(folder)
         _refuse_unservable(config, folder)
-        tensors, source = read_adapter_tensors(folder)
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            module, part = _split_key(key, source)
-            pairs.setdefault(module, {})[part] = tensor
+        file = read_adapter(folder, config=config)
+        source = file.source
+        if file.other:
+            raise LorakitError(f"{source}: tensor {next(iter(file.other))} is not a LoRA weight (expected "
+                               "<module>.lora_A.weight / lora_B.weight); the engine serves plain LoRA adapters only")
         weights = {}
-        for module, parts in pairs.items():
+        for module, parts in file.modules.items():
             weights[module] = self._check_module(module, parts, config, source)
         if not weights:
             raise LorakitError(f"{source}: holds no LoRA weights")
@@ -274,6 +274,13 @@ class AdapterRegistry:
 
     def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
                       source: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        for part in parts:
+            if part.startswith("lora_embedding"):
+                raise LorakitError(f"{source}: {part_file_key(module, part)} is an embedding LoRA, which the "
+                                   "multi-adapter engine does not serve")
+            if part not in ("lora_A", "lora_B", _MAGNITUDE):
+                raise LorakitError(f"{source}: tensor {part_file_key(module, part)} is not a LoRA weight (expected "
+                                   "<module>.lora_A.weight / lora_B.weight); the engine serves plain LoRA adapters only")
         wanted = {"lora_A", "lora_B"} | ({_MAGNITUDE} if config.use_dora else set())
         if set(parts) != wanted:
             if _MAGNITUDE in parts:
@@ -302,8 +309,7 @@ class AdapterRegistry:
         if config.rank_for(module) != r:
             raise LorakitError(f"{source}: module {module} has rank {r} but the config says "
                                f"{config.rank_for(module)} (r / rank_pattern); the files do not belong together")
-        alpha = config.alpha_for(module)
-        scaling = alpha / r ** 0.5 if config.use_rslora else alpha / r
+        scaling = module_scaling(config, module)
         scale = _dora_scale(layer, module, parts[_MAGNITUDE], A, B, scaling, source) if config.use_dora else None
         return A.float(), B.float(), scaling, scale
 
@@ -334,18 +340,3 @@ def _refuse_unservable(config: LoraConfig, folder: Path) -> None:
     if config.bias != "none":
         raise LorakitError(f"{folder}: bias={config.bias!r} trains base biases, which the multi-adapter "
                            "engine cannot vary per request; merge it with `lorakit merge` instead")
-
-
-def _split_key(key: str, source: Path) -> tuple[str, str]:
-    bare = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for part in ("lora_A", "lora_B"):
-        suffix = f".{part}.weight"
-        if bare.endswith(suffix):
-            return bare[: -len(suffix)], part
-    if "lora_embedding" in bare:
-        raise LorakitError(f"{source}: {key} is an embedding LoRA, which the multi-adapter engine does not serve")
-    for suffix in (f".{_MAGNITUDE}", f".{_MAGNITUDE}.weight"):  # PEFT writes no .weight; accept both
-        if bare.endswith(suffix):
-            return bare[: -len(suffix)], _MAGNITUDE
-    raise LorakitError(f"{source}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight / "
-                       "lora_B.weight); the engine serves plain LoRA adapters only")

@@ -1,0 +1,309 @@
+"""The PEFT adapter format, defined once (REFERENCE.md "PEFT adapter format").
+
+An adapter folder holds ``adapter_config.json`` (:class:`~lorakit.adapters.config.LoraConfig`)
+and ``adapter_model.safetensors``. A file key is the model's state-dict key with the adapter name
+dropped and ``base_model.model.`` in front::
+
+    model key:  model.layers.0.self_attn.q_proj.lora_A.default.weight
+    file key:   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model key:  model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight   (DoRA's m)
+    file key:   base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector
+    model key:  lm_head.modules_to_save.default.weight
+    file key:   base_model.model.lm_head.weight
+    model key:  model.layers.0.self_attn.q_proj.base_layer.bias   (a trained base bias: as is)
+    file key:   base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias
+
+Several adapters in one folder: ``default`` at the top, every other one in a sub-folder named
+after it (:func:`adapter_folder`, :func:`adapter_folders`).
+
+What this module owns, so that nothing else parses keys or recomputes scales:
+
+- which tensors are an adapter's: every per-adapter container on a LoRA layer is named
+  ``lora_*`` (PEFT's convention), copies of ``modules_to_save`` sit under ``modules_to_save``
+  (:data:`ADAPTER_PARTS`, :func:`is_adapter_tensor`, :func:`is_wrapper_module`);
+- model key ↔ file key (:func:`file_key`, :func:`split_file_key`, :func:`module_of`);
+- the scale ``alpha/r`` or ``alpha/√r`` (:func:`scaling`, :func:`module_scaling`);
+- reading a folder: tensors (:func:`read_tensors`), shapes from the header only
+  (:func:`read_shapes`), tensors grouped by module (:func:`read_adapter`), the low-rank factors
+  with their scales (:func:`read_factors`).
+
+Tensors load from safetensors only; a pickle ``adapter_model.bin`` is refused unless the caller
+opts in, and is then read with ``torch.load(weights_only=True)``.
+
+A new kind of adapted module adds its file layout here: PEFT 0.21.2 saves LoRA on expert
+parameters (``target_parameters``) under the module's name, one ``base_layer.`` deeper for each
+further parameter of the same module (REFERENCE.md "Mixture-of-experts").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters.config import CONFIG_NAME, LoraConfig
+from lorakit.errors import LorakitError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+"""The per-adapter containers of a LoRA layer whose tensors are saved."""
+MODULES_TO_SAVE = "modules_to_save"
+"""Where a ``modules_to_save`` wrapper keeps each adapter's trained copy (the original: ``original_module``)."""
+
+# A file key's ending -> the part it holds. PEFT writes DoRA's m without ``.weight``; files that have
+# it are read too (the first ending of a part is the one written).
+_FILE_PARTS = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_B.bias",
+    ".lora_embedding_A": "lora_embedding_A",
+    ".lora_embedding_B": "lora_embedding_B",
+    ".lora_magnitude_vector": "lora_magnitude_vector",
+    ".lora_magnitude_vector.weight": "lora_magnitude_vector",
+}
+_PARTS_RE = "|".join(ADAPTER_PARTS)
+_CONTAINER = re.compile(r"^lora_[A-Za-z_]+$")
+_ADAPTER_TENSOR = re.compile(rf"(^|\.)(lora_[A-Za-z_]+|{MODULES_TO_SAVE}|original_module)\.")
+_WRAPPER_MODULE = re.compile(rf"(^|\.)(base_layer|lora_[A-Za-z_]+|{MODULES_TO_SAVE}|original_module)(\.|$)")
+
+
+# -- which tensors belong to an adapter ----------------------------------------------------------
+
+
+def is_adapter_container(attr: str) -> bool:
+    """An attribute of a LoRA layer that holds one entry per adapter (``lora_A``, ``lora_dropout``, …)."""
+    return bool(_CONTAINER.match(attr))
+
+
+def is_adapter_tensor(key: str) -> bool:
+    """A model state-dict key owned by an adapter (its factors, its copy of a module), not the base's."""
+    return bool(_ADAPTER_TENSOR.search(key))
+
+
+def is_wrapper_module(name: str) -> bool:
+    """A module name inside lorakit's (and PEFT's) wrappers (``…q_proj.base_layer``, ``…lora_A.x``), which
+    no target list means."""
+    return bool(_WRAPPER_MODULE.search(name))
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def with_prefix(key: str) -> str:
+    """``base_model.model.`` + ``key``: the file key of a base tensor saved as is (trained biases)."""
+    return PREFIX + key
+
+
+def without_prefix(key: str) -> str:
+    """A file key without ``base_model.model.`` (keys written without it, seen in the wild, stay as they are)."""
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def file_key(model_key: str, name: str) -> str | None:
+    """The file key of ``model_key`` if adapter ``name`` owns it (its factors or its copy of a module),
+    else None."""
+    tag = re.escape(name)
+    part = re.compile(rf"\.({_PARTS_RE})\.{tag}(\.|$)")
+    if part.search(model_key):
+        key = part.sub(r".\1\2", model_key)
+        return with_prefix(key.removesuffix(".weight") if key.endswith(".lora_magnitude_vector.weight") else key)
+    copy = f"{MODULES_TO_SAVE}.{name}."
+    if f".{copy}" in model_key or model_key.startswith(copy):
+        return with_prefix(model_key.replace(copy, ""))
+    return None
+
+
+def split_file_key(key: str) -> tuple[str, str] | None:
+    """``(module, part)`` of a file key that holds a LoRA part (``lora_A``, ``lora_B``, ``lora_B.bias``,
+    ``lora_embedding_A``/``_B``, ``lora_magnitude_vector``), else None. The prefix may be absent."""
+    bare = without_prefix(key)
+    for suffix, part in _FILE_PARTS.items():
+        if bare.endswith(suffix) and len(bare) > len(suffix):
+            return bare[: -len(suffix)], part
+    return None
+
+
+def part_file_key(module: str, part: str) -> str:
+    """The file key of ``part`` of ``module`` (the inverse of :func:`split_file_key`)."""
+    suffix = next((suffix for suffix, p in _FILE_PARTS.items() if p == part), None)
+    if suffix is None:
+        raise ValueError(f"unknown adapter part {part!r}")
+    return with_prefix(module + suffix)
+
+
+def module_of(model_key: str) -> str:
+    """The adapted module a model key belongs to (``….q_proj`` for ``….q_proj.lora_A.default.weight``)."""
+    return re.sub(rf"\.({_PARTS_RE}|{MODULES_TO_SAVE})\..*$", "", model_key)
+
+
+# -- scale ---------------------------------------------------------------------------------------
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's ``s``: ``alpha / r``, or ``alpha / √r`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def module_scaling(config: LoraConfig, module: str, r: int | None = None) -> float:
+    """``s`` of ``module`` under ``config`` (rank/alpha patterns applied); ``r`` overrides the rank
+    (the rank a file's tensors have)."""
+    return scaling(config.alpha_for(module), config.rank_for(module) if r is None else r, config.use_rslora)
+
+
+# -- folders -------------------------------------------------------------------------------------
+
+
+def adapter_folder(folder: str | Path, name: str) -> Path:
+    """Where adapter ``name`` lives in a folder of several: ``default`` at the top, others in ``folder/<name>``."""
+    return Path(folder) if name == "default" else Path(folder) / name
+
+
+def adapter_folders(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every adapter in ``folder``: ``default`` at the top if it has a config, then
+    each sub-folder that has one, by name. Empty if there is none (or no such folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [("default", folder)] if (folder / CONFIG_NAME).is_file() else []
+    found += [(sub.name, sub) for sub in sorted(folder.iterdir()) if (sub / CONFIG_NAME).is_file()]
+    return found
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def read_tensors(folder: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter file's tensors (on CPU, by file key) and the path they came from.
+
+    Raises:
+        LorakitError: no weights file, a truncated/corrupt one, or a pickle file without ``allow_pickle``.
+    """
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path), path
+        except Exception as err:  # safetensors raises its own error type for bad headers/sizes
+            raise LorakitError(
+                f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt — "
+                "save or copy the adapter again"
+            ) from None
+    path = folder / PICKLE_WEIGHTS_NAME
+    if path.is_file():
+        if not allow_pickle:
+            raise LorakitError(
+                f"{path}: a pickle file, refused because unpickling can run arbitrary code; convert it "
+                "to safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) to read it "
+                "with torch.load(weights_only=True)"
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as err:
+            raise LorakitError(f"{path}: cannot be loaded safely (weights_only=True): {err}") from None
+    raise LorakitError(f"{folder}: no {WEIGHTS_NAME} (nor {PICKLE_WEIGHTS_NAME}) in this folder")
+
+
+def read_shapes(folder: str | Path) -> tuple[dict[str, tuple[int, ...]], Path]:
+    """Every tensor's shape by file key, from the safetensors header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise LorakitError(f"{path}: missing (lorakit reads safetensors adapters only)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, path
+    except Exception as err:
+        raise LorakitError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+@dataclass
+class AdapterFile:
+    """An adapter folder as read: its config, and its tensors grouped by module."""
+
+    config: LoraConfig
+    source: Path
+    """The tensor file."""
+    modules: dict[str, dict[str, torch.Tensor]]
+    """module name -> part (see :func:`split_file_key`) -> tensor, in file order."""
+    other: dict[str, torch.Tensor]
+    """Tensors that are no LoRA part, by file key as written: ``modules_to_save`` copies, trained base
+    biases, embedding weights."""
+
+
+def read_adapter(folder: str | Path, allow_pickle: bool = False, config: LoraConfig | None = None) -> AdapterFile:
+    """Read the adapter in ``folder``: config (unless given) and tensors by module.
+
+    Raises:
+        LorakitError: the folder, the config or the tensor file is missing or unreadable.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"adapter folder {folder} does not exist")
+    config = LoraConfig.load(folder) if config is None else config
+    tensors, source = read_tensors(folder, allow_pickle=allow_pickle)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        split = split_file_key(key)
+        if split is None:
+            other[key] = tensor
+        else:
+            modules.setdefault(split[0], {})[split[1]] = tensor
+    return AdapterFile(config, source, modules, other)
+
+
+@dataclass
+class Factors:
+    """One adapter's update of one module: ``ΔW = scale · B @ A``.
+
+    Linear layers: A (r, in), B (out, r). Embeddings keep PEFT's layout, A (r, vocab), B (dim, r),
+    whose product is ΔWᵀ.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None = None
+    """``lora_B.bias`` as stored (the update adds ``scale · bias``)."""
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None
+    """DoRA's m (out,), for a DoRA adapter."""
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """``scale · B @ A`` in fp64."""
+        return (self.B.double() @ self.A.double()) * self.scale
+
+
+def read_factors(folder: str | Path, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, Factors]]:
+    """An adapter folder's config and its factors by module, fp32, each with its scale from the config
+    (the rank is the one the tensors have).
+
+    Raises:
+        LorakitError: as :func:`read_adapter`, or a module whose A and B do not fit together.
+    """
+    file = read_adapter(folder, allow_pickle=allow_pickle)
+    factors: dict[str, Factors] = {}
+    for module, parts in file.modules.items():
+        for a_part, b_part, embedding in (("lora_A", "lora_B", False), ("lora_embedding_A", "lora_embedding_B", True)):
+            if a_part not in parts:
+                continue
+            A, B = parts[a_part], parts.get(b_part)
+            if B is None or A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+                raise LorakitError(f"{file.source}: {module} has lora A {tuple(A.shape)} but lora B "
+                                   f"{None if B is None else tuple(B.shape)}; the file is inconsistent")
+            factors[module] = Factors(A.float(), B.float(), module_scaling(file.config, module, A.shape[0]),
+                                      parts.get("lora_B.bias"), embedding, parts.get("lora_magnitude_vector"))
+    return file.config, factors
