@@ -1,17 +1,28 @@
-"""Writing files and folders so that a crash never leaves a half-written one in place."""
+"""Writing files and folders so that a crash never leaves a half-written one in place.
+
+Every file lorakit writes for a user goes through here: it is written under a temporary name
+beside its target and renamed into place in one step, so a reader sees the old file or the new
+one, never part of one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(temp_path)`` beside ``target``, then rename the file into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+def atomic_write(target: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temp_path)`` beside ``target``, then rename the file into place.
+
+    The temporary name keeps ``target``'s suffix, for writers that choose a format by it
+    (matplotlib's ``savefig``).
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -20,6 +31,26 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically."""
+    atomic_write(target, lambda path: Path(path).write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill; when the block ends without an error it
+    replaces ``target`` in one rename, otherwise it is removed and ``target`` stays as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_folder(new: Path, target: Path) -> None:

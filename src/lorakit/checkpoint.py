@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit._fs import atomic_write
+from lorakit._fs import atomic_write, atomic_write_text
 from lorakit.adapters import pissa
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraLayer, LoraLinear
@@ -109,8 +109,7 @@ def save_adapter(
         if pissa_to_lora and pissa.is_pissa(config.init_lora_weights):
             config = _pissa_as_lora(model, name, config, tensors)
         atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        text = config.to_json()
-        atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        atomic_write_text(out / CONFIG_NAME, config.to_json())
         written.append(out)
     return written
 

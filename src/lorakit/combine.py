@@ -35,9 +35,6 @@ What is notable:
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit._fs import replace_folder
+from lorakit._fs import atomic_folder
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraEmbedding, LoraLinear
 from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, part_file_key, read_factors
@@ -420,13 +417,7 @@ def combine_folders(folders: Sequence[str | Path], out: str | Path, weights: Seq
         raise LorakitError(f"{out} already exists; choose another --out or pass --force to replace it")
     adapters = [read_factors(f) for f in folders]
     result = combine(adapters, weights, method, rank, density, seed, labels=[str(f) for f in folders])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(result.file_tensors(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(result.config.to_json())
-        os.chmod(tmp, 0o755)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result

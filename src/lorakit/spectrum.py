@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit._fs import atomic_write_text
 from lorakit.errors import LorakitError
 
 CONFIG_NAME = "spectrum_config.json"
@@ -242,9 +243,7 @@ def scan(folder: str | Path, *, progress: Progress | None = None, cache_dir: str
         torch.set_num_threads(before)
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([asdict(r) for r in results]))
-        tmp.replace(cache_file)
+        atomic_write_text(cache_file, json.dumps([asdict(r) for r in results]))
     return results
 
 

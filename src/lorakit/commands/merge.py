@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -137,18 +134,12 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
 
 def _save(model: Any, tokenizer: Any, out: Path, max_shard_size: str | int, info: dict) -> None:
     from lorakit import __version__
-    from lorakit._fs import replace_folder
+    from lorakit._fs import atomic_folder
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_NAME).write_text(json.dumps({**info, "lorakit_version": __version__}, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _base_dtype(config: Any):

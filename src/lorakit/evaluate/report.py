@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorakit._fs import atomic_write, atomic_write_text
 from lorakit.evaluate import html
 
 LABELS = {"exact_match": "exact match", "normalized_match": "normalised match", "contains": "contains",
@@ -167,23 +166,11 @@ def write_reports(report: dict[str, Any], folder: str | Path) -> list[Path]:
              "examples.jsonl": "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in report["examples"]),
              "report.html": html.document(report)}
     for name, text in texts.items():
-        written.append(_atomic(folder / name, lambda p, t=text: Path(p).write_text(t, encoding="utf-8")))
+        atomic_write_text(folder / name, text)
+        written.append(folder / name)
     if chart_path := _atomic_chart(report, folder / "report.png"):
         written.append(chart_path)
     return written
-
-
-def _atomic(target: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
 
 
 def _atomic_chart(report: dict[str, Any], target: Path) -> Path | None:
@@ -191,5 +178,5 @@ def _atomic_chart(report: dict[str, Any], target: Path) -> Path | None:
 
     if importlib.util.find_spec("matplotlib") is None:
         return None
-    _atomic(target, lambda p: chart(report, p))
+    atomic_write(target, lambda p: chart(report, p))
     return target

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorakit._fs import atomic_write_text
 from lorakit.data.config import DataConfig
 from lorakit.errors import LorakitError
 
@@ -371,15 +372,11 @@ def apply_override(values: dict[str, Any], item: str) -> None:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (written to a temporary file, then renamed)."""
-    import os
-
     import yaml
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # -- checks ----------------------------------------------------------------------------------------
