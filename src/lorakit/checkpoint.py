@@ -118,7 +118,7 @@ def _pissa_as_lora(model: nn.Module, name: str, config: LoraConfig, tensors: dic
     """Replace a PiSSA adapter's A/B by the rank-2r LoRA of its change since init; same scaling."""
     for module_name, layer in named_adapter_layers(model):
         if isinstance(layer, LoraLinear) and name in layer.options:
-            A, B = pissa.to_lora(layer, name)
+            A, B = layer.pissa_as_lora(name)
             tensors[part_file_key(module_name, "lora_A")] = A.contiguous()
             tensors[part_file_key(module_name, "lora_B")] = B.contiguous()
     # Doubling r keeps s = alpha/r with alpha doubled, or s = alpha/√r with alpha × √2 (rsLoRA).

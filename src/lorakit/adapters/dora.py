@@ -26,6 +26,10 @@ nothing. What is notable here, against PEFT's implementation:
   input). :func:`reference` is the same math in plain PyTorch ops, for tests.
 - Works over a 4-bit base (QDoRA): the base matmul and ``W`` come from
   :mod:`lorakit.adapters.quant`.
+- State: m is ``layer.lora_magnitude_vector[name]``, where PEFT keeps it (file key
+  ``….lora_magnitude_vector``); :class:`DoraState` in ``layer.lora_dora[name]`` holds, as buffers
+  that ``.to()`` moves, the ``c`` of a merged adapter (so unmerging is exact) and the ``‖W‖²_row``
+  cache. :data:`DORA` is the strategy object (:mod:`lorakit.adapters.variants`).
 """
 
 from __future__ import annotations
@@ -33,23 +37,67 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from lorakit.adapters.fused import (add_branch_input_grad, add_branch_up, branch_down, branch_grads,
                                     branch_input_grad, keep_scale)
+from lorakit.adapters.layout import out_in
+from lorakit.adapters.variants import Variant
 
 if TYPE_CHECKING:
-    from lorakit.adapters.lora import LoraLinear
+    from lorakit.adapters.lora import AdapterOptions, LoraLinear
 
 _TINY = 1e-4  # |c| below this: save u itself, dividing by c would not be exact
+
+
+class DoraState(nn.Module):
+    """What one DoRA adapter keeps on one layer beside m: non-persistent buffers (``.to()`` moves them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("merge_scale", None, persistent=False)  # c = m / ‖W + ΔW‖_row while merged
+        self.register_buffer("weight_norm_sq", None, persistent=False)  # ‖W‖²_row of the frozen W
+        self.weight_key: tuple | None = None  # the stored W that weight_norm_sq belongs to
+
+
+class Dora(Variant):
+    """DoRA as a :class:`~lorakit.adapters.variants.Variant`: it computes the whole layer."""
+
+    rescales_base = True
+
+    def create(self, layer: LoraLinear, name: str, options: AdapterOptions) -> None:
+        layer.lora_magnitude_vector[name] = nn.Parameter(row_norm(layer, name))  # m = n: no change at init
+        layer.lora_dora[name] = DoraState()
+
+    def forward(self, layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+        return forward(layer, name, x)
+
+    def merged_weight(self, layer: LoraLinear, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``W' = c ⊙ (W + ΔW)`` in the base layout; keeps ``c`` so unmerging is exact."""
+        fan_in_fan_out, state = layer.fan_in_fan_out, layer.lora_dora[name]
+        full = out_in(weight, fan_in_fan_out) + out_in(layer.delta_weight(name), fan_in_fan_out)  # (out, in)
+        state.merge_scale = layer.lora_magnitude_vector[name].detach().float() / full.norm(dim=1)
+        return out_in(full * state.merge_scale[:, None], fan_in_fan_out)
+
+    def unmerged_weight(self, layer: LoraLinear, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``W = W' / c − ΔW`` with the ``c`` kept when merging."""
+        fan_in_fan_out, state = layer.fan_in_fan_out, layer.lora_dora[name]
+        scale, state.merge_scale = state.merge_scale, None
+        full = out_in(weight, fan_in_fan_out) / scale[:, None] - out_in(layer.delta_weight(name), fan_in_fan_out)
+        return out_in(full, fan_in_fan_out)
+
+
+DORA = Dora()
 
 
 def row_norm(layer: LoraLinear, name: str) -> torch.Tensor:
     """``‖W + s·B A‖`` per output feature, fp32, detached — without forming ``W + s·B A``."""
     with torch.no_grad():
-        weight = _out_in(layer, layer.dense_weight())  # (out, in) fp32
+        weight = out_in(layer.dense_weight(), layer.fan_in_fan_out)  # (out, in) fp32
         A = layer.lora_A[name].weight.float()  # (r, in)
         B = layer.lora_B[name].weight.float()  # (out, r)
-        return norm_of(weight, A, B, layer.scaling[name], _weight_norm_sq(layer, weight))
+        state = layer.lora_dora[name] if name in layer.lora_dora else None
+        return norm_of(weight, A, B, layer.scaling[name], _weight_norm_sq(layer, weight, state))
 
 
 def norm_of(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
@@ -73,19 +121,15 @@ def norm_of(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: flo
         return (weight_norm_sq + 2 * scaling * cross + scaling * scaling * quad).clamp_min(0).sqrt()
 
 
-def _weight_norm_sq(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
-    # ‖W‖²_row of a frozen W, recomputed only when the stored tensor changes (merge, load).
+def _weight_norm_sq(layer: LoraLinear, weight: torch.Tensor, state: DoraState | None) -> torch.Tensor:
+    # ‖W‖²_row of a frozen W, recomputed only when the stored tensor changes (merge, load, .to()).
+    if state is None:
+        return weight.pow(2).sum(dim=1)
     stored = layer.base_layer.weight
     key = (stored.data_ptr(), stored._version, tuple(stored.shape))
-    cache = layer.__dict__.get("_dora_norm_cache")
-    if cache is None or cache[0] != key:
-        cache = (key, weight.pow(2).sum(dim=1))
-        layer.__dict__["_dora_norm_cache"] = cache
-    return cache[1]
-
-
-def _out_in(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
-    return weight.T if layer.fan_in_fan_out else weight
+    if state.weight_norm_sq is None or state.weight_key != key:
+        state.weight_norm_sq, state.weight_key = weight.pow(2).sum(dim=1), key
+    return state.weight_norm_sq
 
 
 class _DoraLinear(torch.autograd.Function):
@@ -116,7 +160,7 @@ class _DoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wx, weight, A, B, magnitude, norm, s: float, p: float, fan_in_fan_out: bool):
         h, dropped = branch_down(x, A, p)  # (N, r)
-        u = x @ (weight if fan_in_fan_out else weight.T) if wx is None else wx.clone()  # (N, out), ours
+        u = x @ out_in(weight, fan_in_fan_out).T if wx is None else wx.clone()  # (N, out), ours
         add_branch_up(u, h, B, s)
         scale = (magnitude / norm).to(u.dtype)  # (out,)
         keep_u = bool((scale.abs() < _TINY).any())
@@ -141,7 +185,7 @@ class _DoraLinear(torch.autograd.Function):
             if ctx.base_outside:  # the base product has its own autograd: the LoRA part only
                 dx = branch_input_grad(dh, A, dropped).to(x.dtype)
             else:
-                dx = gu @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
+                dx = gu @ out_in(weight, ctx.fan_in_fan_out)  # (N, in)
                 add_branch_input_grad(dx, dh, A, dropped)  # the LoRA part added in place
         dm = None
         if need[5]:  # Σ g ⊙ u, or Σ g ⊙ out = c · Σ g ⊙ u; into gu's memory once gu is used up
@@ -189,18 +233,3 @@ def reference(layer: LoraLinear, name: str, x: torch.Tensor, mask: torch.Tensor 
     out = u * (magnitude / row_norm(layer, name).to(magnitude.device)).to(u.dtype)
     bias = getattr(layer.base_layer, "bias", None)
     return out if bias is None else out + bias.to(out.dtype)
-
-
-def merged_weight(layer: LoraLinear, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """``W' = c ⊙ (W + ΔW)`` in the base layout; remembers ``c`` so unmerging is exact."""
-    out_in = _out_in(layer, weight) + _out_in(layer, layer.delta_weight(name))
-    scale = layer.lora_magnitude_vector[name].detach().float() / out_in.norm(dim=1)
-    layer.__dict__.setdefault("_dora_merge_scale", {})[name] = scale
-    return _out_in(layer, out_in * scale[:, None])
-
-
-def unmerged_weight(layer: LoraLinear, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """``W = W' / c − ΔW`` with the ``c`` recorded when merging."""
-    scale = layer.__dict__["_dora_merge_scale"].pop(name)
-    out_in = _out_in(layer, weight) / scale[:, None] - _out_in(layer, layer.delta_weight(name))
-    return _out_in(layer, out_in)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorakit.adapters.layout import matmul, out_in
 
 _LEVELS = 1 << 16  # above _SPARSE_MAX, dropout probabilities are resolved to 1/65536
 _SPARSE_MAX = 0.25  # up to this drop probability, the dropped positions are drawn directly
@@ -200,7 +201,7 @@ class LoraLinearFn(torch.autograd.Function):
         ctx.weight_fn = weight_fn
         if weight_fn is not None:
             weight = weight_fn()
-        wt = weight if fan_in_fan_out else weight.T  # (in, out) view, no copy
+        wt = out_in(weight, fan_in_fan_out).T  # (in, out) view, no copy
         y = x @ wt if bias is None else torch.addmm(bias, x, wt)  # (N, out)
         h, dropped = branch_down(x, A, p)
         add_branch_up(y, h, B, s)
@@ -218,7 +219,7 @@ class LoraLinearFn(torch.autograd.Function):
         if need[0]:
             if ctx.weight_fn is not None:
                 weight = ctx.weight_fn()
-            dx = g @ (weight.T if ctx.fan_in_fan_out else weight)  # (N, in)
+            dx = g @ out_in(weight, ctx.fan_in_fan_out)  # (N, in)
             add_branch_input_grad(dx, dh, A, dropped)  # the LoRA part added in place
         db = g.sum(0) if ctx.bias_grad else None
         return dx, None, db, dA, dB, None, None, None, None
@@ -227,7 +228,7 @@ class LoraLinearFn(torch.autograd.Function):
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
               s: float, mask: torch.Tensor | None, p: float, fan_in_fan_out: bool = False) -> torch.Tensor:
     """The same layer in plain PyTorch ops (autograd by PyTorch), with a given keep-mask."""
-    base = x @ weight if fan_in_fan_out else torch.nn.functional.linear(x, weight)
+    base = matmul(x, weight, fan_in_fan_out)
     if bias is not None:
         base = base + bias
     xa = x.to(A.dtype)

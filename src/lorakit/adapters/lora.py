@@ -21,14 +21,19 @@ What is notable here:
   checks the update for NaN/inf before any weight changes.
 - Adapter weights stay fp32 when the base is fp16/bf16; the branch computes in fp32 and the sum
   is cast back to the base output's dtype.
-- Training with one plain adapter over a dense frozen base runs through one fused autograd op
+- Each adapter has a variant (:mod:`lorakit.adapters.variants`): plain LoRA or DoRA, a small
+  strategy object that computes the layer's output and its merged weight; what it owns sits on
+  the layer as declared modules and buffers (``state_dict()`` and ``.to()`` see them). Training
+  with one plain adapter over a dense frozen base runs through one fused autograd op
   (:mod:`lorakit.adapters.fused`): it keeps only the input, the positions dropout removed and
   the rank-r intermediate for backward, and skips all dropout work without dropout (over a 4-bit
-  base, W is dequantised inside it, in forward and again in backward). Several adapters, DoRA,
+  base, W is dequantised inside it, in forward and again in backward). Several adapters,
   ``lora_bias`` or a trained base weight take the plain path.
+- Initialisations are functions: kaiming/gaussian here, PiSSA in :mod:`lorakit.adapters.pissa`
+  (whose starting factors the layer keeps as buffers in ``lora_initial``).
 - One layer class per kind of base weight: ``LoraLinear`` covers ``nn.Linear`` and transformers'
-  ``Conv1D`` (which stores W as in×out, PEFT's ``fan_in_fan_out``); ``LoraEmbedding`` has A and B
-  the other way round (A = 0, B ~ N(0, 1)), as in PEFT.
+  ``Conv1D`` (which stores W as in×out, PEFT's ``fan_in_fan_out``: :mod:`lorakit.adapters.layout`);
+  ``LoraEmbedding`` has A and B the other way round (A = 0, B ~ N(0, 1)), as in PEFT.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters import dora, fused, peft_format, pissa, quant
+from lorakit.adapters import fused, layout, peft_format, pissa, quant
+from lorakit.adapters.dora import DORA
+from lorakit.adapters.layout import is_conv1d, is_linear
+from lorakit.adapters.variants import LORA, Lora, Variant
 from lorakit.errors import LorakitError
 
 
@@ -70,6 +78,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.options: dict[str, AdapterOptions] = {}
         self.scaling: dict[str, float] = {}
+        self.variants: dict[str, Variant] = {}  # how each adapter changes the layer (stateless strategies)
         self.active: list[str] = []  # adapters added in forward (when not merged)
         self.merged: list[str] = []  # adapters currently folded into the base weight
         self.disabled = False
@@ -91,12 +100,13 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter {name!r} already exists on this layer; delete it first")
         self.options[name] = options
         self.scaling[name] = options.scaling
+        self.variants[name] = variant_for(options)
         self._create(name, options)
         self._init(name, options.init)
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self._move_parameters(name, weight.device, dtype)
-        self._after_add(name, options)
+        self.variants[name].create(self, name, options)  # its own state, from the initialised A and B
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's
 
     def delete(self, name: str) -> None:
@@ -109,7 +119,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, attr)
             if name in container:
                 del container[name]
-        del self.options[name], self.scaling[name]
+        del self.options[name], self.scaling[name], self.variants[name]
         self.active = [a for a in self.active if a != name]
 
     def set_active(self, names: list[str]) -> None:
@@ -127,9 +137,6 @@ class LoraLayer(nn.Module):
 
     def _init(self, name: str, init: bool | str) -> None:
         raise NotImplementedError
-
-    def _after_add(self, name: str, options: AdapterOptions) -> None:
-        """Hook for variants that derive state from the finished adapter (DoRA's magnitude)."""
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight in its own layout, fp32 (dequantised if stored in 4 bits)."""
@@ -205,10 +212,10 @@ class LoraLayer(nn.Module):
         self.merged.remove(name)
 
     def _merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight(name).to(weight.device)
+        return self.variants[name].merged_weight(self, name, weight)
 
     def _unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self.delta_weight(name).to(weight.device)
+        return self.variants[name].unmerged_weight(self, name, weight)
 
     def _densify(self) -> None:
         """Hook: replace a quantised base by a dense one before writing merged weights."""
@@ -235,20 +242,18 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA over ``nn.Linear`` (W is out×in), transformers ``Conv1D`` (W is in×out) or a
     bitsandbytes 4-bit ``Linear4bit`` (QLoRA: the frozen matmul runs through
-    :func:`lorakit.adapters.quant.nf4_linear`). DoRA adapters (``use_dora``) rescale the base
-    output per row (:mod:`lorakit.adapters.dora`)."""
+    :func:`lorakit.adapters.quant.nf4_linear`). Each adapter's variant computes the output:
+    plain LoRA adds ``s·B A x``, DoRA (``use_dora``) rescales the base output per row."""
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        if fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # nn.Linear and Linear4bit (whose stored weight is packed) both say their sizes
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = layout.features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature (PEFT's name)
+        self.lora_dora = nn.ModuleDict()  # DoRA's other state (dora.DoraState: c while merged, ‖W‖ cache)
+        self.lora_initial = nn.ModuleDict()  # PiSSA's A₀, B₀ (pissa.StartingFactors), for pissa_to_lora
         self.fused = True  # False: always the plain module-by-module path (tests, debugging)
 
     @property
@@ -266,7 +271,7 @@ class LoraLinear(LoraLayer):
         if init is False:
             return  # nn.Linear's own init for A and B: a non-zero update (tests, experiments)
         if pissa.is_pissa(init):
-            return pissa.init(self, name, init)
+            return self._init_pissa(name, init)
         A, B = self.lora_A[name], self.lora_B[name]
         if init in (True, "kaiming"):
             nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -278,9 +283,28 @@ class LoraLinear(LoraLayer):
         if B.bias is not None:
             nn.init.zeros_(B.bias)
 
-    def _after_add(self, name: str, options: AdapterOptions) -> None:
-        if options.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(dora.row_norm(self, name))
+    def _init_pissa(self, name: str, method: str) -> None:
+        """A, B from W's principal part; the base becomes the residual; A₀, B₀ kept (:mod:`~lorakit.adapters.pissa`)."""
+        if self.quantized:
+            raise LorakitError("pissa initialisation needs a dense base weight; quantise after initialising, "
+                               "or use the default initialisation with QLoRA")
+        stored, s = self.base_layer.weight, self.scaling[name]
+        weight = layout.out_in(stored.detach().float(), self.fan_in_fan_out)  # (out, in)
+        A, B = pissa.factors(weight, self.options[name].r, s, method)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A)
+            self.lora_B[name].weight.copy_(B)
+            stored.copy_(layout.out_in(pissa.residual(weight, A, B, s), self.fan_in_fan_out).to(stored.dtype))
+        self.lora_initial[name] = pissa.StartingFactors(A, B)
+
+    def pissa_as_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA adapter ``name`` as ``(A', B')`` of rank 2r for the untouched base (:func:`pissa.to_lora`)."""
+        if name not in self.lora_initial:
+            raise LorakitError(
+                f"adapter {name!r}: the PiSSA starting values are not in memory (the adapter was loaded, not "
+                "initialised here), so it cannot be converted to a plain LoRA; save it as PiSSA instead")
+        start = self.lora_initial[name]
+        return pissa.to_lora(self.lora_A[name].weight, self.lora_B[name].weight, start.A, start.B)
 
     def dense_weight(self) -> torch.Tensor:
         return quant.dequantize(self.base_layer) if self.quantized else self.base_layer.weight.float()
@@ -292,24 +316,28 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        delta = (B @ A) * self.scaling[name]  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+        return layout.out_in((B @ A) * self.scaling[name], self.fan_in_fan_out)  # (out, in) -> stored layout
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         bias = self.lora_B[name].bias
         return None if bias is None else bias.float() * self.scaling[name]
 
-    def _merge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.merged_weight(self, name, weight)
-        return super()._merge_weight(name, weight)
-
-    def _unmerge_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:
-            return dora.unmerged_weight(self, name, weight)
-        return super()._unmerge_weight(name, weight)
-
     # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._branch_names()
+        if len(names) == 1:  # the usual case, training included
+            name = names[0]
+            return self._fused_forward(name, x) if self._can_fuse(name, x) else self.variants[name].forward(self, name, x)
+        rescaling = [n for n in names if self.variants[n].rescales_base]
+        if len(rescaling) > 1:
+            raise LorakitError(f"DoRA adapters {rescaling} are active together; their magnitudes do not add — "
+                               "activate one DoRA adapter at a time (or merge one first)")
+        result = self.variants[rescaling[0]].forward(self, rescaling[0], x) if rescaling else self.base_forward(x)
+        for name in names:  # none, or several active adapters: their updates add up
+            if name not in rescaling:
+                result = result + self.lora_branch(name, x).to(result.dtype)
+        return result
 
     def base_forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """The frozen layer's output (``x Wᵀ (+ b)``)."""
@@ -317,27 +345,32 @@ class LoraLinear(LoraLayer):
             return quant.nf4_linear(x, self.base_layer, with_bias=with_bias)
         if with_bias:
             return self.base_layer(x)
-        weight = self.base_layer.weight
-        return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
+        return layout.matmul(x, self.base_layer.weight, self.fan_in_fan_out)
+
+    def lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · B A dropout(x)`` in the adapter's dtype (fp32 over a half-precision base)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (…, r): the rank-r path stays small
+        return B(h) * self.scaling[name]
+
+    def dropout_p(self, name: str) -> float:
+        """The dropout probability adapter ``name`` applies now (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     def _can_fuse(self, name: str, x: torch.Tensor) -> bool:
-        # The fused op covers the training case: one plain (not DoRA) adapter over a frozen base.
+        # The fused op covers the training case: one plain LoRA adapter over a frozen base.
         base = self.base_layer
         if self.quantized and (getattr(base, "compute_dtype", None) or x.dtype) != self._fused_dtype(x):
             return False  # a 4-bit base computing in another dtype than its input: the plain path casts
-        return (self.fused and name not in self.lora_magnitude_vector
-                and self.lora_B[name].bias is None and not base.weight.requires_grad and x.is_floating_point()
+        return (self.fused and isinstance(self.variants[name], Lora) and self.lora_B[name].bias is None
+                and not base.weight.requires_grad and x.is_floating_point()
                 and isinstance(self.lora_dropout[name], (nn.Dropout, nn.Identity)))
 
     @staticmethod
     def _fused_dtype(x: torch.Tensor) -> torch.dtype:
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-    def dropout_p(self, name: str) -> float:
-        """The dropout probability adapter ``name`` applies now (0 in eval mode or without dropout)."""
-        dropout = self.lora_dropout[name]
-        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One adapter through :class:`lorakit.adapters.fused.LoraLinearFn` (same numbers as the plain path)."""
@@ -359,29 +392,6 @@ class LoraLinear(LoraLayer):
             y = fused.LoraLinearFn.apply(x2, weight, bias, A, B, self.scaling[name], p, self.fan_in_fan_out,
                                          weight_fn)
         return y.view(*x.shape[:-1], y.shape[-1])
-
-    def lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · B A dropout(x)`` in the adapter's dtype (fp32 over a half-precision base)."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (…, r): the rank-r path stays small
-        return B(h) * self.scaling[name]
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        names = self._branch_names()
-        if len(names) == 1 and self._can_fuse(names[0], x):
-            return self._fused_forward(names[0], x)
-        doras = [n for n in names if n in self.lora_magnitude_vector]
-        if not doras:
-            result = self.base_forward(x)
-        elif len(doras) == 1:
-            result = dora.forward(self, doras[0], x)
-        else:
-            raise LorakitError(f"DoRA adapters {doras} are active together; their magnitudes do not add — "
-                               "activate one DoRA adapter at a time (or merge one first)")
-        for name in names:
-            if name not in doras:
-                result = result + self.lora_branch(name, x).to(result.dtype)
-        return result
 
 
 class LoraEmbedding(LoraLayer):
@@ -432,27 +442,24 @@ class LoraEmbedding(LoraLayer):
         return result
 
 
+def variant_for(options: AdapterOptions) -> Variant:
+    """The variant an adapter with ``options`` runs as: DoRA or plain LoRA."""
+    return DORA if options.use_dora else LORA
+
+
 def wrap(module: nn.Module, fan_in_fan_out: bool | None = None) -> LoraLayer:
     """The LoRA layer for ``module``: Linear, Conv1D or Embedding.
 
     Raises:
         LorakitError: the module is of another kind.
     """
-    if isinstance(module, nn.Linear):
-        return LoraLinear(module, fan_in_fan_out=False)
+    if is_linear(module):
+        return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if is_conv1d(module):
-        return LoraLinear(module, fan_in_fan_out=True)
     raise LorakitError(
         f"LoRA supports nn.Linear, nn.Embedding and transformers Conv1D; got {type(module).__name__}"
     )
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D`` (a linear layer storing W as in×out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+__all__ = ["AdapterOptions", "LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d", "is_linear", "variant_for", "wrap"]

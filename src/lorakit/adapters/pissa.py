@@ -12,64 +12,55 @@ subspace iterations (fast for large matrices).
 
 Because the base is changed, a PiSSA adapter only works on the residual base. :func:`to_lora`
 turns it into a plain LoRA of rank 2r that works on the *original* base (as PEFT does):
-``s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]``, with ``B₀, A₀`` the values at init, which the layer keeps.
+``s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]``, with ``B₀, A₀`` the values at init, which the layer
+keeps as buffers (:class:`StartingFactors`, in ``layer.lora_initial[name]``).
+
+The math is pure functions on tensors; :meth:`lorakit.adapters.lora.LoraLinear.add` applies them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from lorakit.errors import LorakitError
-
-if TYPE_CHECKING:
-    from lorakit.adapters.lora import LoraLinear
 
 
 def is_pissa(init: bool | str) -> bool:
     return isinstance(init, str) and (init == "pissa" or init.startswith("pissa_niter_"))
 
 
-def init(layer: LoraLinear, name: str, method: str) -> None:
-    """Set A, B from W's top-r singular triplets and make the base weight the residual."""
-    from lorakit.adapters import quant
-
-    if quant.is_quantized(layer.base_layer):
-        raise LorakitError("pissa initialisation needs a dense base weight; quantise after initialising, "
-                           "or use the default initialisation with QLoRA")
-    r, s = layer.options[name].r, layer.scaling[name]
-    stored = layer.base_layer.weight
-    weight = stored.detach().float()
-    weight = weight.T if layer.fan_in_fan_out else weight  # (out, in)
+def factors(weight: torch.Tensor, r: int, s: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` from the top-r singular triplets of ``weight`` ((out, in), fp32): ``s·B A`` is its
+    best rank-r part. A is (r, in), B is (out, r)."""
     if method == "pissa":
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
     else:
-        niter = _niter(method)
-        U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
+        U, S, V = torch.svd_lowrank(weight, q=r, niter=_niter(method))
         Vh = V.T
     root = (S / s).sqrt()
-    B = U * root  # (out, r)
-    A = root[:, None] * Vh  # (r, in)
-    with torch.no_grad():
-        layer.lora_A[name].weight.copy_(A)
-        layer.lora_B[name].weight.copy_(B)
-        residual = weight - s * (B @ A)
-        stored.copy_((residual.T if layer.fan_in_fan_out else residual).to(stored.dtype))
-    layer.__dict__.setdefault("pissa_initial", {})[name] = (A.clone(), B.clone())
+    return root[:, None] * Vh, U * root
 
 
-def to_lora(layer: LoraLinear, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A', B')`` of rank 2r such that ``s·B' A'`` is the adapter's change since init."""
-    initial = layer.__dict__.get("pissa_initial", {}).get(name)
-    if initial is None:
-        raise LorakitError(
-            f"adapter {name!r}: the PiSSA starting values are not in memory (the adapter was loaded, not "
-            "initialised here), so it cannot be converted to a plain LoRA; save it as PiSSA instead")
-    A0, B0 = initial
-    A, B = layer.lora_A[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
-    return torch.cat([A, A0.to(A.device)], dim=0), torch.cat([B, -B0.to(B.device)], dim=1)
+def residual(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """``W − s·B A``: the base weight PiSSA leaves ((out, in))."""
+    return weight - s * (B @ A)
+
+
+def to_lora(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` of rank 2r, fp32, such that ``s·B' A' = s·B A − s·B₀ A₀``: the change since init."""
+    A, B = A.detach().float(), B.detach().float()
+    return torch.cat([A, A0.float().to(A.device)], dim=0), torch.cat([B, -B0.float().to(B.device)], dim=1)
+
+
+class StartingFactors(nn.Module):
+    """A PiSSA adapter's A₀ and B₀ as buffers (in ``state_dict()``, moved by ``.to()``), for :func:`to_lora`."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("A", A.detach().clone())
+        self.register_buffer("B", B.detach().clone())
 
 
 def _niter(method: str) -> int:

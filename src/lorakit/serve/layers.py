@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.adapters.layout import is_conv1d, matmul
+
 NO_ADAPTER = -1
 
 
@@ -152,6 +154,7 @@ class BatchedLoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = is_conv1d(base_layer)  # Conv1D stores W as (in, out)
         device = base_layer.weight.device
         self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
                              persistent=False)
@@ -201,8 +204,7 @@ class BatchedLoraLinear(nn.Module):
     def _forward_dora(self, x: torch.Tensor, plan: LoraBatch) -> torch.Tensor:
         """A batch with DoRA rows: ``(W x + update) ⊙ c[row] + b``, ``c`` = 1 for the other rows."""
         weight = self.base_layer.weight
-        # The base product without its bias (Conv1D stores W as (in, out)); the bias comes after c.
-        out = nn.functional.linear(x, weight) if isinstance(self.base_layer, nn.Linear) else x @ weight
+        out = matmul(x, weight, self.fan_in_fan_out)  # the base product without its bias: it comes after c
         out = self._add_update(x, plan, out)
         if plan.scale_index is None:
             none = torch.full_like(plan.row_slots, self.lora_scale.shape[0] - 1)

@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.adapters import dora
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.lora import is_conv1d
+from lorakit.adapters.layout import features, is_linear, out_in
 from lorakit.adapters.peft_format import module_scaling, part_file_key, read_adapter
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name, find_targets, set_submodule
@@ -107,13 +107,10 @@ class AdapterRegistry:
             base = model.get_submodule(name)
             if isinstance(base, BatchedLoraLinear):
                 raise LorakitError(f"module {name} already serves adapters; build one registry per model")
-            if isinstance(base, nn.Linear):
-                in_f, out_f = base.in_features, base.out_features
-            elif is_conv1d(base):
-                in_f, out_f = base.weight.shape
-            else:
+            if not is_linear(base):
                 raise LorakitError(f"module {name} is a {type(base).__name__}; the engine serves LoRA on "
                                    "linear layers only (embedding LoRA is not served)")
+            in_f, out_f, _ = features(base)
             layer = BatchedLoraLinear(base, self.max_resident, self.max_rank, self.context, in_f, out_f,
                                       dtype or base.weight.dtype)
             set_submodule(model, name, layer)
@@ -320,8 +317,7 @@ def _dora_scale(layer: BatchedLoraLinear, module: str, magnitude: torch.Tensor, 
     if tuple(magnitude.shape) != (layer.out_features,):
         raise LorakitError(f"{source}: module {module}: {_MAGNITUDE} {tuple(magnitude.shape)} does not fit a layer "
                            f"of {layer.out_features} outputs; the adapter was trained on a different base model")
-    weight = layer.base_layer.weight
-    weight = weight if isinstance(layer.base_layer, nn.Linear) else weight.T  # (out, in); Conv1D stores (in, out)
+    weight = out_in(layer.base_layer.weight, layer.fan_in_fan_out)  # (out, in)
     scale = magnitude.float().to(weight.device) / dora.norm_of(weight, A, B, scaling)
     if not torch.isfinite(scale).all():
         raise LorakitError(f"{source}: module {module}: the DoRA magnitude holds NaN/inf values, or a row of "
