@@ -82,7 +82,7 @@ def run_lorakit(train: Path, held: Path, out: Path, share_prefix: bool = True) -
     start = time.perf_counter()
     result = run(config, quiet=True)
     total = time.perf_counter() - start
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
     from lorakit.train.progress import read_metrics
 
     # The training loop's own wall time (from the first step to the last, as trainer.train() is timed);

@@ -7,7 +7,7 @@
     model.print_trainable_parameters()
     model.save_pretrained("out")                             # a PEFT adapter folder
 
-A thin wrapper over the functional core (:mod:`lorakit.inject`, :mod:`lorakit.checkpoint`,
+A thin wrapper over the functional core (:mod:`lorakit.inject`, :mod:`lorakit.adapter_io`,
 :mod:`lorakit.merging`), laid out like PEFT's so that ``peft_model.base_model.model`` is the
 transformer and ``peft_model.state_dict()`` keys start with ``base_model.model.``. Attributes the
 wrapper does not define are read from the wrapped model (one level of forwarding, no more).
@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import checkpoint, inject, merging
+from lorakit import adapter_io, inject, merging
 from lorakit.adapters.config import LoraConfig
 
 __all__ = ["LoraConfig", "LoraModel", "PeftModel", "get_peft_model"]
@@ -48,7 +48,7 @@ class PeftModel(nn.Module):
         self.base_model = LoraModel(model)
         if config is not None:
             if config.base_model_name_or_path is None:
-                config = dataclasses.replace(config, base_model_name_or_path=checkpoint.model_name(model))
+                config = dataclasses.replace(config, base_model_name_or_path=adapter_io.model_name(model))
             inject.add_adapter(model, config, adapter_name)
 
     # -- what PEFT users reach for -------------------------------------------------------------
@@ -94,19 +94,19 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False) -> LoraConfig:
         """Load a PEFT adapter folder as ``adapter_name`` (inactive until ``set_adapter``)."""
-        return checkpoint.load_adapter(self.model, model_id, adapter_name, trainable=is_trainable,
+        return adapter_io.load_adapter(self.model, model_id, adapter_name, trainable=is_trainable,
                                        activate=not self.active_adapters, allow_pickle=allow_pickle)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write PEFT's folder layout (``default`` at the top, others in sub-folders)."""
-        checkpoint.save_adapter(self.model, save_directory, names=selected_adapters)
+        adapter_io.save_adapter(self.model, save_directory, names=selected_adapters)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
                         is_trainable: bool = False, allow_pickle: bool = False) -> PeftModel:
         """Wrap ``model`` and load the adapter in folder ``model_id`` (active)."""
         wrapper = cls(model)
-        checkpoint.load_adapter(model, model_id, adapter_name, trainable=is_trainable, allow_pickle=allow_pickle)
+        adapter_io.load_adapter(model, model_id, adapter_name, trainable=is_trainable, allow_pickle=allow_pickle)
         return wrapper
 
     @contextlib.contextmanager

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
     from lorakit.errors import LorakitError
     from lorakit.evaluate.comparison import GENERAL_ENGLISH, compare
     from lorakit.evaluate.core import EvalConfig

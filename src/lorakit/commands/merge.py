@@ -82,7 +82,7 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
     """
     import torch
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
     from lorakit.errors import LorakitError
     from lorakit.inject import set_active
     from lorakit.merging import merge_and_unload

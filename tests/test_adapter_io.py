@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import lorakit
 from lorakit import LoraConfig, LorakitError, add_adapter, load_adapter, save_adapter
-from lorakit.checkpoint import WEIGHTS_NAME, load_adapters
+from lorakit.adapter_io import WEIGHTS_NAME, load_adapters
 from lorakit.inject import trainable_parameters
 
 ATTN = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
