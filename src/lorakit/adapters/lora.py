@@ -284,7 +284,8 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(B.bias)
 
     def _init_pissa(self, name: str, method: str) -> None:
-        """A, B from W's principal part; the base becomes the residual; A₀, B₀ kept (:mod:`~lorakit.adapters.pissa`)."""
+        """PiSSA (:mod:`~lorakit.adapters.pissa`): A, B from W's principal part, the base becomes the
+        residual, A₀ and B₀ are kept."""
         if self.quantized:
             raise LorakitError("pissa initialisation needs a dense base weight; quantise after initialising, "
                                "or use the default initialisation with QLoRA")
@@ -328,7 +329,9 @@ class LoraLinear(LoraLayer):
         names = self._branch_names()
         if len(names) == 1:  # the usual case, training included
             name = names[0]
-            return self._fused_forward(name, x) if self._can_fuse(name, x) else self.variants[name].forward(self, name, x)
+            if self._can_fuse(name, x):
+                return self._fused_forward(name, x)
+            return self.variants[name].forward(self, name, x)
         rescaling = [n for n in names if self.variants[n].rescales_base]
         if len(rescaling) > 1:
             raise LorakitError(f"DoRA adapters {rescaling} are active together; their magnitudes do not add — "
@@ -462,4 +465,5 @@ def wrap(module: nn.Module, fan_in_fan_out: bool | None = None) -> LoraLayer:
     )
 
 
-__all__ = ["AdapterOptions", "LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d", "is_linear", "variant_for", "wrap"]
+__all__ = ["AdapterOptions", "LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d", "is_linear", "variant_for",
+           "wrap"]
