@@ -84,6 +84,7 @@ def _adapter_names(specs: list[str]) -> dict[str, str]:
     """``[NAME=]DIR`` -> {name: folder}; names default to the folder's name, made unique."""
     from pathlib import Path
 
+    from lorakit.adapters.peft_format import CONFIG_NAME
     from lorakit.errors import LorakitError
     from lorakit.inject import check_adapter_name
 
@@ -99,7 +100,7 @@ def _adapter_names(specs: list[str]) -> dict[str, str]:
         check_adapter_name(name)
         if name in found or name == "base":
             raise LorakitError(f"adapter name {name!r} is used twice (or is 'base'); give NAME=DIR")
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise LorakitError(f"--adapter {folder}: no adapter_config.json; not an adapter folder")
+        if not (Path(folder) / CONFIG_NAME).is_file():
+            raise LorakitError(f"--adapter {folder}: no {CONFIG_NAME}; not an adapter folder")
         found[name] = folder
     return found

@@ -83,6 +83,7 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
     import torch
 
     from lorakit.adapter_io import load_adapter
+    from lorakit.adapters.peft_format import CONFIG_NAME
     from lorakit.errors import LorakitError
     from lorakit.inject import set_active
     from lorakit.merging import merge_and_unload
@@ -93,8 +94,8 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise LorakitError(f"{out} already exists; choose another --out or pass --force to replace it")
     for folder in adapters:  # fail before the (slow) model load
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise LorakitError(f"{folder}: no adapter_config.json; not an adapter folder")
+        if not (Path(folder) / CONFIG_NAME).is_file():
+            raise LorakitError(f"{folder}: no {CONFIG_NAME}; not an adapter folder")
     config = load_config(base)
     quantised = _check_quantisation(base, config)
     target = _parse_dtype(dtype) if dtype else _base_dtype(config)
