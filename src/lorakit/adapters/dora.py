@@ -27,9 +27,8 @@ nothing. What is notable here, against PEFT's implementation:
 - Works over a 4-bit base (QDoRA): the base matmul and ``W`` come from
   :mod:`lorakit.adapters.quant`.
 - State: m is ``layer.lora_magnitude_vector[name]``, where PEFT keeps it (file key
-  ``….lora_magnitude_vector``); :class:`DoraState` in ``layer.lora_dora[name]`` holds, as buffers
-  that ``.to()`` moves, the ``c`` of a merged adapter (so unmerging is exact) and the ``‖W‖²_row``
-  cache. :data:`DORA` is the strategy object (:mod:`lorakit.adapters.variants`).
+  ``….lora_magnitude_vector``); :class:`DoraState` in ``layer.lora_dora[name]`` holds the ``c`` of
+  a merged adapter (a buffer ``.to()`` moves, so unmerging is exact) and the ``‖W‖²_row`` cache. :data:`DORA` is the strategy object (:mod:`lorakit.adapters.variants`).
 """
 
 from __future__ import annotations
@@ -51,12 +50,18 @@ _TINY = 1e-4  # |c| below this: save u itself, dividing by c would not be exact
 
 
 class DoraState(nn.Module):
-    """What one DoRA adapter keeps on one layer beside m: non-persistent buffers (``.to()`` moves them)."""
+    """What one DoRA adapter keeps on one layer beside m.
+
+    ``merge_scale`` is a (non-persistent) buffer, so ``.to()`` moves it with the merged weight.
+    ``weight_norm_sq`` is a cache of the frozen W's row norms, keyed by the stored tensor: a moved
+    or changed W has another key and recomputes it, so it is a plain attribute (not a buffer: it
+    is not part of the model's memory that ``lorakit estimate`` counts as weights).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("merge_scale", None, persistent=False)  # c = m / ‖W + ΔW‖_row while merged
-        self.register_buffer("weight_norm_sq", None, persistent=False)  # ‖W‖²_row of the frozen W
+        self.weight_norm_sq: torch.Tensor | None = None  # ‖W‖²_row of the frozen W
         self.weight_key: tuple | None = None  # the stored W that weight_norm_sq belongs to
 
 
