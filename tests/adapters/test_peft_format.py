@@ -25,6 +25,10 @@ P = "base_model.model."
     ("x.q_proj.lora_A.other.weight", "default", None),  # another adapter's
     ("x.q_proj.base_layer.weight", "default", None),  # the base's
     ("x.q_proj.lora_dropout.default.p", "default", None),  # not a saved part
+    # PEFT 0.21.2's nested wrappers for two target_parameters of one experts module (REFERENCE.md)
+    ("model.layers.0.mlp.experts.base_layer.lora_A.default.weight", "default",
+     P + "model.layers.0.mlp.experts.base_layer.lora_A.weight"),
+    ("model.layers.0.mlp.experts.lora_B.default.weight", "default", P + "model.layers.0.mlp.experts.lora_B.weight"),
 ])
 def test_file_key(model_key, name, want):
     assert fmt.file_key(model_key, name) == want
