@@ -25,6 +25,7 @@ from lorakit.errors import LorakitError
 from lorakit.inject import (
     add_adapter, adapter_configs, bias_parameters, delete_adapter, named_adapter_layers, set_active,
 )
+from lorakit.spectrum_model import CONFIG_NAME as SPECTRUM_CONFIG
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -186,8 +187,6 @@ def load_adapter(
 
 
 def _refuse_spectrum(folder: Path) -> None:
-    from lorakit.spectrum import CONFIG_NAME as SPECTRUM_CONFIG
-
     if (folder / SPECTRUM_CONFIG).is_file() and not (folder / CONFIG_NAME).is_file():
         raise LorakitError(f"{folder} holds a Spectrum run's trained matrices, not a LoRA adapter; apply them to "
                            "the base with lorakit.spectrum.load_spectrum(model, folder) (they replace the base's "

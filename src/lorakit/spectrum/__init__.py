@@ -1,0 +1,23 @@
+"""Spectrum: rank weight matrices by signal-to-noise ratio and train only the best ones.
+
+- :mod:`~lorakit.spectrum.ranking`: the SNR of one matrix (a pure function) and the selection of
+  the top share per module type;
+- :mod:`~lorakit.spectrum.scanner`: the streamed scan of a model folder, cached per model;
+- :mod:`~lorakit.spectrum.report`: the ranked table and the training-config fragment
+  ``lorakit spectrum`` prints.
+
+Two ways to train with the selection: :func:`selected_modules` gives LoRA target names
+(``targets: spectrum:25``); ``method: spectrum`` trains those tensors fully
+(:mod:`lorakit.spectrum_model`: :func:`freeze_for_spectrum`, :func:`save_spectrum`,
+:func:`load_spectrum`, re-exported here).
+"""
+
+from lorakit.spectrum.ranking import MatrixSnr, module_type, select, selected_modules, snr, snr_from_singular_values
+from lorakit.spectrum.report import format_table, yaml_snippet
+from lorakit.spectrum.scanner import Progress, default_cache_dir, model_fingerprint, scan
+from lorakit.spectrum_model import (CONFIG_NAME, WEIGHTS_NAME, freeze_for_spectrum, load_spectrum, mark_spectrum,
+                                    save_spectrum, spectrum_info)
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "MatrixSnr", "Progress", "default_cache_dir", "format_table",
+           "freeze_for_spectrum", "load_spectrum", "mark_spectrum", "model_fingerprint", "module_type", "save_spectrum",
+           "scan", "select", "selected_modules", "snr", "snr_from_singular_values", "spectrum_info", "yaml_snippet"]
