@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import models
+from lorakit import gguf_conversion, models
 from lorakit.errors import LorakitError
 
 ALIAS = "smollm2-135m-instruct"
@@ -72,7 +72,7 @@ def test_second_resolve_reuses_the_cache(smollm2_path, monkeypatch):
     def must_not_convert(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "_write_converted", must_not_convert)
+    monkeypatch.setattr(gguf_conversion, "_write_converted", must_not_convert)
     start = time.perf_counter()
     assert models.resolve(ALIAS) == smollm2_path
     assert time.perf_counter() - start < 1.0
@@ -211,7 +211,7 @@ def fake_converter(tmp_path, monkeypatch):
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
         AutoModelForCausalLM.from_config(config).save_pretrained(out)
 
-    monkeypatch.setattr(models, "_write_converted", write)
+    monkeypatch.setattr(gguf_conversion, "_write_converted", write)
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
     return gguf, calls
@@ -250,7 +250,7 @@ def test_failed_conversion_leaves_nothing_behind(fake_converter, monkeypatch):
         (out / "config.json").write_text("{}")
         raise LorakitError("disk full")
 
-    monkeypatch.setattr(models, "_write_converted", crash)
+    monkeypatch.setattr(gguf_conversion, "_write_converted", crash)
     with pytest.raises(LorakitError, match="disk full"):
         models.resolve(str(gguf))
     left = [p.name for p in models._locate(str(gguf)).dest.parent.iterdir()]

@@ -12,9 +12,8 @@ Notable:
 
 - Offline only: no code path here contacts a model hub. A hub id that is not already in the
   local Hugging Face cache is an error that says how to get it there.
-- GGUF conversion dequantises to fp32 and is atomic: it writes into a temporary folder next to
-  the destination, under a file lock, writes a marker file last and renames the folder into
-  place. A folder without the marker (an interrupted run, a stray ``.tmp-*``) is never used.
+- A GGUF file is converted once, to an fp32 safetensors folder in the cache
+  (:mod:`lorakit.gguf_conversion`: atomic, under a file lock, finished when its marker is there).
 - Weights load from safetensors only (no pickle): a folder with only ``.bin`` files is refused.
 - torch / transformers are imported inside the functions so ``lorakit --help`` stays instant.
 """
@@ -26,22 +25,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorakit import gguf_conversion
 from lorakit.errors import LorakitError
+from lorakit.gguf_conversion import MARKER as MARKER  # where a finished conversion is recorded (re-exported)
 
 if TYPE_CHECKING:
     import torch
-
-CONVERSION_VERSION = 1  # bump when the converted folder's layout changes: old caches are redone
-MARKER = "lorakit_conversion.json"  # written last into a converted folder; its presence = finished
-LOCK_TIMEOUT_S = 1800.0  # how long to wait for another process's conversion of the same model
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ def resolve(spec: str) -> Path:
     """
     source = _locate(spec)
     if source.dest is not None:
-        return _convert_gguf(source.path, source.dest, label=spec)
+        return gguf_conversion.convert(source.path, source.dest, label=spec)
     _check_weights(source.path, spec)
     return source.path
 
@@ -129,7 +122,7 @@ def load_config(spec: str) -> Any:
 
     source = _locate(spec)
     try:
-        if source.dest is not None and _is_complete(source.dest):
+        if source.dest is not None and gguf_conversion.is_complete(source.dest):
             return AutoConfig.from_pretrained(source.dest)
         if source.dest is not None:
             config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
@@ -313,7 +306,7 @@ def _alias_identity(name: str, gguf: Path) -> dict:
 
 
 def _conversion_dest(stem: str, identity: dict) -> Path:
-    identity = {**identity, "conversion": CONVERSION_VERSION}
+    identity = {**identity, "conversion": gguf_conversion.CONVERSION_VERSION}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     safe = re.sub(r"[^\w.-]+", "_", stem)[:80]
     return cache_dir() / "models" / f"{safe}-{digest}"
@@ -368,85 +361,3 @@ def _check_weights(folder: Path, spec: str) -> None:
                            "new_folder), which writes model.safetensors")
     raise LorakitError(f"model {spec!r}: {folder} has config.json but no weights "
                        "(model.safetensors or model.safetensors.index.json + shards)")
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF conversion, once, atomically
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
-
-
-def _convert_gguf(gguf: Path, dest: Path, label: str) -> Path:
-    """``dest`` holding the safetensors conversion of ``gguf``; converts under a lock if needed."""
-    if _is_complete(dest):
-        return dest
-    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so of transformers
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(dest.parent / f".{dest.name}.lock"))
-    try:
-        with lock.acquire(timeout=LOCK_TIMEOUT_S):
-            if _is_complete(dest):  # another process finished while we waited
-                return dest
-            _remove_leftovers(dest)
-            tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                print(f"lorakit: converting {gguf.name} to safetensors in {dest} "
-                      "(once; later runs reuse it)", file=sys.stderr)
-                tmp.mkdir()
-                _write_converted(gguf, tmp, label)
-                (tmp / MARKER).write_text(json.dumps(
-                    {"source": str(gguf.resolve()), "size": gguf.stat().st_size, "spec": label,
-                     "conversion": CONVERSION_VERSION, "created": time.time()}, indent=2))
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    except Timeout as e:
-        raise LorakitError(f"waited {LOCK_TIMEOUT_S:.0f} s for another process converting "
-                           f"{gguf.name} into {dest}; if none is running, delete {lock.lock_file}"
-                           ) from e
-    return dest
-
-
-def _remove_leftovers(dest: Path) -> None:
-    """Under the lock: drop temp folders of dead conversions, and ``dest`` if it lacks the marker."""
-    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if dest.exists():
-        shutil.rmtree(dest)
-
-
-def _write_converted(gguf: Path, out: Path, label: str) -> None:
-    """Dequantise ``gguf`` to fp32 and write config, safetensors weights and tokenizer into ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                      dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as e:
-        raise LorakitError(f"cannot read GGUF file {gguf} (model {label!r}): {type(e).__name__}: "
-                           f"{e}; it needs the `gguf` package (pip install gguf) and an "
-                           "architecture that transformers' GGUF loader supports") from e
-    state = loaded.state_dict()
-    need = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
-    free = shutil.disk_usage(out).free
-    if free < need + (64 << 20):
-        raise LorakitError(f"converting {gguf.name} needs about {need / 2**30:.2f} GiB in {out.parent} "
-                           f"but only {free / 2**30:.2f} GiB is free; free space or set LORAKIT_CACHE")
-    # save_pretrained refuses a GGUF-loaded (quantizer-tagged) model: rebuild a plain one.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    result = fresh.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise LorakitError(f"converting {gguf} (model {label!r}): the GGUF tensors do not fit "
-                           f"the architecture (missing {result.missing_keys[:5]}, unexpected "
-                           f"{result.unexpected_keys[:5]})")
-    del loaded, state
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
