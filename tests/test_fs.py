@@ -42,3 +42,37 @@ def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
     with atomic_folder(out) as tmp:
         (tmp / "g").write_text("3")
     assert [p.name for p in out.iterdir()] == ["g"] and [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_atomic_folder_names_its_temporary_folder_with_the_prefix(tmp_path):
+    out = tmp_path / "out"
+    with atomic_folder(out, prefix=".tmp-out-") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-out-") and len(tmp.name) > len(".tmp-out-")
+        (tmp / "f").write_text("1")
+    with atomic_folder(out, prefix=".tmp-out-") as tmp:  # replacing: the old folder is moved aside under the prefix
+        (tmp / "f").write_text("2")
+    assert (out / "f").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_folder_with_fsync_flushes_files_the_folder_and_its_parent(tmp_path, monkeypatch):
+    import os
+
+    flushed = []  # inodes, in order (a renamed folder keeps its inode)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        flushed.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    with atomic_folder(out, fsync=True) as tmp:
+        (tmp / "a").write_text("1")
+        (tmp / "b").write_text("2")
+    inode = {p.name: p.stat().st_ino for p in (out / "a", out / "b", out)}
+    assert sorted(flushed[:2]) == sorted([inode["a"], inode["b"]])
+    assert flushed[2:] == [inode["out"], tmp_path.stat().st_ino]
+    flushed.clear()
+    with atomic_folder(out) as tmp:
+        (tmp / "c").write_text("3")
+    assert flushed == []

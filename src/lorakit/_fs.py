@@ -39,26 +39,57 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
+def atomic_folder(target: str | Path, *, prefix: str | None = None, fsync: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``target`` to fill; when the block ends without an error it
-    replaces ``target`` in one rename, otherwise it is removed and ``target`` stays as it was."""
+    replaces ``target`` in one rename, otherwise it is removed and ``target`` stays as it was.
+
+    Args:
+        target: the folder to create or replace.
+        prefix: the temporary folder's name up to a random suffix (default ``.<name>.``), for
+            callers that recognise their own leftovers by name (``.tmp-…``).
+        fsync: flush every file and folder inside it, the folder itself and, after the rename,
+            its parent to disk: a power loss then leaves the old folder or the complete new one
+            (meant for training checkpoints).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    prefix = prefix or f".{target.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        replace_folder(tmp, target)
+        if fsync:
+            for path in sorted(tmp.rglob("*"), reverse=True):  # a folder after what it holds
+                _fsync(path)
+            _fsync(tmp)
+        replace_folder(tmp, target, old=target.parent / f"{prefix}old-{os.getpid()}")
+        if fsync:
+            _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``, replacing an existing one."""
+def replace_folder(new: Path, target: Path, old: Path | None = None) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing an existing one (moved aside to
+    ``old`` first, default ``.<name>.old-<pid>``, then removed)."""
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = old or target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, old)
         os.rename(new, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, target)
+
+
+def _fsync(path: Path) -> None:
+    # Best effort: some file systems cannot open or flush a folder.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
