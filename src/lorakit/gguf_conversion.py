@@ -18,9 +18,9 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
+from lorakit._fs import atomic_folder
 from lorakit.errors import LorakitError
 
 CONVERSION_VERSION = 1  # bump when the converted folder's layout changes: old caches are redone
@@ -46,18 +46,13 @@ def convert(gguf: Path, dest: Path, label: str) -> Path:
             if is_complete(dest):  # another process finished while we waited
                 return dest
             _remove_leftovers(dest)
-            tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                print(f"lorakit: converting {gguf.name} to safetensors in {dest} "
-                      "(once; later runs reuse it)", file=sys.stderr)
-                tmp.mkdir()
+            print(f"lorakit: converting {gguf.name} to safetensors in {dest} "
+                  "(once; later runs reuse it)", file=sys.stderr)
+            with atomic_folder(dest, prefix=f".tmp-{dest.name}-{os.getpid()}-") as tmp:
                 _write_converted(gguf, tmp, label)
                 (tmp / MARKER).write_text(json.dumps(
                     {"source": str(gguf.resolve()), "size": gguf.stat().st_size, "spec": label,
                      "conversion": CONVERSION_VERSION, "created": time.time()}, indent=2))
-                os.rename(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     except Timeout as e:
         raise LorakitError(f"waited {LOCK_TIMEOUT_S:.0f} s for another process converting "
                            f"{gguf.name} into {dest}; if none is running, delete {lock.lock_file}"
