@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from lorakit._fs import atomic_write
 from lorakit.data.config import DataConfig
 from lorakit.data.dataset import TokenizedDataset
 from lorakit.data.formats import Sample, detect_format, to_sample
 from lorakit.data.readers import BadRow, file_hash, iter_rows
 from lorakit.data.templates import IGNORE, encode_chat, encode_text, resolve_template
 from lorakit.errors import LorakitError
+from lorakit.models import cache_dir
 
 CACHE_VERSION = 1
 EXAMPLES_KEPT = 5  # locations listed per problem kind in a report
@@ -199,8 +201,6 @@ def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
 
 def _cache_path(path: str, tokenizer: Any, template: str, config: DataConfig, cache_root: str | None) -> str:
     if cache_root is None:
-        from lorakit.models import cache_dir
-
         cache_root = os.path.join(str(cache_dir()), "data")
     settings = {k: getattr(config, k) for k in ("format", "max_length", "train_on_inputs", "last_turn_only",
                                                  "on_bad_row", "on_long_row")}
@@ -231,9 +231,8 @@ def _save_cache(cache_path: str, dataset: TokenizedDataset, report: DataReport) 
     from safetensors.numpy import save_file
 
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    partial = f"{cache_path}.{os.getpid()}.partial"
-    save_file(dataset.to_arrays(), partial, metadata={"report": json.dumps(asdict(report))})
-    os.replace(partial, cache_path)  # atomic: a reader never sees half a file
+    arrays, metadata = dataset.to_arrays(), {"report": json.dumps(asdict(report))}
+    atomic_write(cache_path, lambda path: save_file(arrays, path, metadata=metadata))  # a reader never sees half a file
 
 
 def token_stats(dataset: TokenizedDataset) -> dict[str, float]:
