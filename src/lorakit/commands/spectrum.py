@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit._fs import atomic_write_text
     from lorakit.errors import LorakitError
     from lorakit.models import resolve
     from lorakit.spectrum import format_table, scan, selected_modules, yaml_snippet
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(snippet)
+            atomic_write_text(out, snippet)
         except OSError as err:
             raise LorakitError(f"--out {out}: cannot write ({err.strerror}); choose a writable path") from err
     if args.json:
