@@ -102,7 +102,7 @@ def main() -> None:
             rows.append(row)
             print(f"{vocab:>7}{share:>8.2f}{row['chunk']:>7}{plain[0] / 2**20:>11.0f}{chunked[0] / 2**20:>13.0f}"
                   f"{row['ratio']:>7.2f}{plain[1]:>12.5f}{chunked[1]:>14.5f}")
-        del model
+        model = None  # free it before the next vocabulary's model (the lambda above closes over it)
     print("load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
         with open(args.json, "w") as f:

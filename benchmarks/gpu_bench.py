@@ -126,7 +126,7 @@ def run(variant: str, args, batch) -> dict:
     result = {"variant": variant, "step_s": seconds, "tokens_per_s": tokens / seconds,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss), "warmup_s": warmup_s,
               "mfu": tokens / seconds * model_flops_per_token(model, args.seq) / (args.peak_tflops * 1e12)}
-    del model, loss_fn, params, optimizer, loss
+    model = loss_fn = params = optimizer = loss = step = None  # free them (step closes over loss_fn, optimizer)
     gc.collect()
     torch.cuda.empty_cache()
     return result

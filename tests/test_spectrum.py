@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from memory_probe import peak_allocated
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.spectrum import (CONFIG_NAME, WEIGHTS_NAME, MatrixSnr, freeze_for_spectrum, load_spectrum, module_type,

@@ -226,17 +226,17 @@ def _copy_into_model(model: nn.Module, name: str, tensors: dict[str, torch.Tenso
             f"{source}: {len(unexpected)} tensor(s) match nothing this adapter adapts in the model, e.g. "
             f"{', '.join(unexpected[:3])}; was it trained on another base model?"
         )
-    for file_key, tensor in tensors.items():
-        model_key, target = entries[file_key]
+    for saved_key, tensor in tensors.items():
+        model_key, target = entries[saved_key]
         if tuple(tensor.shape) != tuple(target.shape):
             module = module_of(model_key)
             raise LorakitError(
-                f"{source}: {file_key} has shape {tuple(tensor.shape)} but module {module} of the base "
+                f"{source}: {saved_key} has shape {tuple(tensor.shape)} but module {module} of the base "
                 f"model needs {tuple(target.shape)}; the adapter was trained on a different base model"
             )
         if not tensor.is_floating_point():
-            raise LorakitError(f"{source}: {file_key} holds {tensor.dtype} values, expected floating point")
+            raise LorakitError(f"{source}: {saved_key} holds {tensor.dtype} values, expected floating point")
     with torch.no_grad():
-        for file_key, tensor in tensors.items():
-            _, target = entries[file_key]
+        for saved_key, tensor in tensors.items():
+            _, target = entries[saved_key]
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))

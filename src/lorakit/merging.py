@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.adapters.lora import LoraLayer
-from lorakit.errors import LorakitError
 from lorakit.inject import active_adapters, adapter_state, named_adapter_layers, set_submodule
 
 

@@ -73,7 +73,7 @@ def _describe(inv: Any, plan: Any) -> list[tuple[str, int, str]]:
     base = ("linear layers in NF4 (4.127 bits/param), embeddings and norms " + s.dtype
             if s.method == "qlora" else f"all {_m(plan.params)} params in {s.dtype}")
     trainable = f"{_m(plan.trainable)} trainable"
-    opt = f"AdamW: 2 fp32 states per trainable param" + (" + fp32 master copy" if d["master_fp32"] else "")
+    opt = "AdamW: 2 fp32 states per trainable param" + (" + fp32 master copy" if d["master_fp32"] else "")
     tokens = s.batch * s.seq
     act = (f"{tokens:,} tokens kept for backward" if plan.peak_at.startswith("start")
            else "the first layer's activations and their gradients")
