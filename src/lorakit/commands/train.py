@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.train.config import load_config
+    from lorakit.train.summary import INTERRUPTED, print_summary
 
     items = list(args.items)
     path = items.pop(0) if items and "=" not in items[0] else None
@@ -47,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.distributed import is_main_process
 
     if not is_main_process():  # under torchrun, process 0 reports for all
-        return 130 if result.stopped == "interrupted" else 0
-    return report(result)
+        return INTERRUPTED if result.stopped == "interrupted" else 0
+    return print_summary(result)
 
 
 def _launch(args: argparse.Namespace, path: str | None, items: list[str]) -> int:
@@ -74,18 +75,3 @@ def _launch(args: argparse.Namespace, path: str | None, items: list[str]) -> int
     if not args.quiet:
         print("running: " + " ".join(command[1:]), flush=True)
     return subprocess.call(command, env=env)
-
-
-def report(result) -> int:
-    """Print how the run ended; the exit status (130 when interrupted)."""
-    if result.stopped == "interrupted":
-        print(f"interrupted at step {result.step}; checkpoint: {result.checkpoint}\n"
-              f"continue with the same command and --resume auto")
-        return 130
-    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
-    line = f"done ({result.stopped}) after {result.step} steps: train loss {loss}"
-    if result.eval_loss is not None:
-        line += f", eval loss {result.eval_loss:.4f} (best at step {result.best_step})"
-    print(line)
-    print(f"adapter: {result.adapter}\nrun folder: {result.output} (config.yaml, metrics.jsonl, checkpoints/)")
-    return 0

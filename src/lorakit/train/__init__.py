@@ -4,6 +4,7 @@
 - :mod:`~lorakit.train.loop`: the run (``train``), the step, evaluation, Ctrl-C and NaN handling.
 - :mod:`~lorakit.train.checkpoints`: atomic checkpoints, resume, pruning.
 - :mod:`~lorakit.train.progress`: progress bar, ``metrics.jsonl``, trackers, plots.
+- :mod:`~lorakit.train.summary`: how a run ended, as printed, and its exit status.
 - :mod:`~lorakit.train.quickstart`: ``lorakit train`` without a config.
 
 Names are imported lazily so ``import lorakit.train`` does not import torch.

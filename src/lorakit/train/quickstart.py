@@ -40,13 +40,13 @@ QUICKSTART: dict[str, Any] = {
 
 def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> int:
     """Train the quickstart adapter and print base vs adapter results; the exit status."""
-    from lorakit.checkpoint import load_adapter
-    from lorakit.commands.train import report
+    from lorakit.adapter_io import load_adapter
     from lorakit.data.pipeline import load_data
     from lorakit.models import load_model, load_tokenizer
     from lorakit.train.config import load_config
     from lorakit.train.loop import train
     from lorakit.train.setup import resolve_device, resolve_dtype
+    from lorakit.train.summary import print_summary
 
     config = load_config(None, overrides, base=QUICKSTART)
     checkpoints = Path(config.output) / "checkpoints"
@@ -66,13 +66,13 @@ def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> i
 
     result = train(config, quiet=quiet)
     if result.stopped == "interrupted":
-        return report(result)
+        return print_summary(result)
     load_adapter(model, result.adapter)
     after = measure(model, tokenizer, eval_rows, prompts, config)
     print()
     print(results_table(before, after, prompts))
     print(f"\nquickstart finished in {time.perf_counter() - began:.0f} s")
-    return report(result)
+    return print_summary(result)
 
 
 @torch.no_grad()
