@@ -7,7 +7,23 @@ The PEFT-style names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) and the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/test_lazy_exports.py)
+    from lorakit.adapter_io import load_adapter as load_adapter, save_adapter as save_adapter
+    from lorakit.adapters.config import LoraConfig as LoraConfig
+    from lorakit.adapters.quant import quantize_model as quantize_model
+    from lorakit.compat import PeftModel as PeftModel, get_peft_model as get_peft_model
+    from lorakit.errors import LorakitError as LorakitError
+    from lorakit.inject import (
+        add_adapter as add_adapter, delete_adapter as delete_adapter, disable as disable, disabled as disabled,
+        enable as enable, set_active as set_active, trainable_parameters as trainable_parameters,
+    )
+    from lorakit.merging import (
+        merge as merge, merge_and_unload as merge_and_unload, unload as unload, unmerge as unmerge,
+    )
 
 __version__ = "0.1.0"
 

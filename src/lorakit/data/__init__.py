@@ -10,7 +10,26 @@ Names are imported lazily so ``import lorakit.data`` does not import torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/test_lazy_exports.py)
+    from lorakit.data.batching import padding_share as padding_share, plan_batches as plan_batches
+    from lorakit.data.collation import (
+        block_diagonal_mask as block_diagonal_mask, collate as collate, collate_packed as collate_packed,
+        collate_padded as collate_padded, iter_batches as iter_batches, num_label_tokens as num_label_tokens,
+    )
+    from lorakit.data.config import DataConfig as DataConfig
+    from lorakit.data.dataset import TokenizedDataset as TokenizedDataset, split as split
+    from lorakit.data.pipeline import DataSplits as DataSplits, load_data as load_data, pad_token_id as pad_token_id
+    from lorakit.data.templates import (
+        IGNORE as IGNORE, PLAIN_TEMPLATE as PLAIN_TEMPLATE, encode_chat as encode_chat,
+        resolve_template as resolve_template,
+    )
+    from lorakit.data.tokenize import (
+        DataReport as DataReport, token_stats as token_stats, tokenize_file as tokenize_file,
+    )
 
 _LAZY = {
     "DataConfig": "lorakit.data.config",

@@ -12,7 +12,17 @@ Names are imported lazily so ``import lorakit.evaluate`` does not import torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/test_lazy_exports.py)
+    from lorakit.evaluate.comparison import GENERAL_ENGLISH as GENERAL_ENGLISH, compare as compare
+    from lorakit.evaluate.core import (
+        EvalConfig as EvalConfig, EvalData as EvalData, answer_loss as answer_loss, evaluate as evaluate,
+        generate as generate, read_eval_data as read_eval_data,
+    )
+    from lorakit.evaluate.report import markdown as markdown, write_reports as write_reports
 
 _LAZY = {
     "EvalConfig": "lorakit.evaluate.core",

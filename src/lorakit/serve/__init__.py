@@ -7,7 +7,22 @@ only, so ``lorakit --help`` stays instant.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/test_lazy_exports.py)
+    from lorakit.serve.asgi import BackgroundServer as BackgroundServer
+    from lorakit.serve.engine import ContextLengthExceededError as ContextLengthExceededError, Engine as Engine
+    from lorakit.serve.http import create_app as create_app
+    from lorakit.serve.registry import (
+        AdapterInfo as AdapterInfo, AdapterNotFoundError as AdapterNotFoundError, AdapterRegistry as AdapterRegistry,
+        AdapterSlotsBusyError as AdapterSlotsBusyError,
+    )
+    from lorakit.serve.requests import (
+        Completion as Completion, RequestHandle as RequestHandle, TokenEvent as TokenEvent,
+    )
+    from lorakit.serve.sampling import SamplingParams as SamplingParams
 
 DEFAULT_MAX_QUEUE = 256
 """Requests the HTTP server lets wait beyond the engine's batch before answering 429."""

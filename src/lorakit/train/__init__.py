@@ -12,7 +12,15 @@ Names are imported lazily so ``import lorakit.train`` does not import torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/test_lazy_exports.py)
+    from lorakit.train.config import (
+        AdapterConfig as AdapterConfig, RunConfig as RunConfig, TrainConfig as TrainConfig, load_config as load_config,
+    )
+    from lorakit.train.loop import RunResult as RunResult, lr_at as lr_at, train as train
 
 _LAZY = {
     "RunConfig": "lorakit.train.config",
