@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.checkpoint import load_adapter
+from lorakit.adapter_io import load_adapter
 
 
 class WordTokenizer:

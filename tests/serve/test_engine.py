@@ -331,7 +331,7 @@ def test_dora_adapter_mixed_with_lora_and_base(setup, tmp_path):
     plain = references(base, all_folders, [(p, None) for p, _ in requests], 6)
     assert any(g != b for g, b, (_, a) in zip(got, plain, requests) if a == "dora")
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
     from lorakit.serve.layers import LoraBatch
 
     ours = copy.deepcopy(base)

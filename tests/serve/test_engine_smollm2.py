@@ -8,7 +8,7 @@ import torch
 from serve.serve_helpers import greedy_reference, save_random_adapter
 
 import lorakit
-from lorakit.checkpoint import load_adapter
+from lorakit.adapter_io import load_adapter
 from lorakit.models import load_model, load_tokenizer
 from lorakit.serve import Engine, SamplingParams
 

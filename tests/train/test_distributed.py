@@ -202,7 +202,7 @@ except LorakitError as err:
 def test_a_lost_process_stops_the_others_with_a_message_and_the_checkpoint_loads(tmp_path, model_dir, how):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
 
     values = settings(tmp_path, model_dir, "run", batch_size=1, max_steps=8, save_every=2, dist_timeout=8)
     config = write_config(tmp_path, values, "run")

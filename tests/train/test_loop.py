@@ -11,7 +11,7 @@ from peft_oracle import logits, peft_load
 from safetensors.torch import load_file
 from train.train_helpers import read_jsonl, tiny_config, tiny_model_dir
 
-from lorakit.checkpoint import load_adapter
+from lorakit.adapter_io import load_adapter
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig

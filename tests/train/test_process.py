@@ -16,7 +16,7 @@ import torch
 import yaml
 from train.train_helpers import read_jsonl, tiny_config, tiny_model_dir
 
-from lorakit.checkpoint import load_adapter
+from lorakit.adapter_io import load_adapter
 from lorakit.train import checkpoints as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]

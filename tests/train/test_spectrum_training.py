@@ -100,7 +100,7 @@ def test_lora_on_spectrum_targets_is_a_peft_adapter_on_those_modules(tmp_path, m
     from peft_oracle import logits, peft_load
     from transformers import AutoModelForCausalLM
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     result = train(run_config(tmp_path, model_dir, {"targets": "spectrum:50"}, max_steps=3, lr=5e-2), quiet=True)
@@ -136,7 +136,7 @@ def test_a_selection_of_nothing_is_refused_at_start(tmp_path, model_dir, monkeyp
 def test_a_spectrum_output_is_not_mistaken_for_an_adapter(tmp_path, model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.checkpoint import load_adapter, load_adapters
+    from lorakit.adapter_io import load_adapter, load_adapters
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     spectrum.freeze_for_spectrum(model, ["model.layers.0.mlp.down_proj"], train_embeddings=False)

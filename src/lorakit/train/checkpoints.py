@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from lorakit import spectrum
+from lorakit.adapter_io import save_adapter
 from lorakit.adapters.config import CONFIG_NAME as ADAPTER_CONFIG
-from lorakit.checkpoint import WEIGHTS_NAME as ADAPTER_WEIGHTS, save_adapter
+from lorakit.adapters.peft_format import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorakit.errors import LorakitError
 
 STATE_FILE = "trainer_state.json"
@@ -122,7 +123,7 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer | None = 
                     ) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """Read a checkpoint's state, restore ``optimizer`` from it, and return the stored RNG states.
 
-    The adapter weights are loaded separately (``lorakit.checkpoint.load_adapter``).
+    The adapter weights are loaded separately (``lorakit.adapter_io.load_adapter``).
 
     Raises:
         LorakitError: when ``path`` is not a complete checkpoint or does not fit the optimizer.

@@ -105,7 +105,7 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         if resume_from is not None:
             load_spectrum(model, resume_from)
     elif resume_from is not None:
-        from lorakit.checkpoint import load_adapter
+        from lorakit.adapter_io import load_adapter
 
         load_adapter(model, resume_from, trainable=True)
     else:
