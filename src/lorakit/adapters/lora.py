@@ -450,7 +450,7 @@ def variant_for(options: AdapterOptions) -> Variant:
     return DORA if options.use_dora else LORA
 
 
-def wrap(module: nn.Module, fan_in_fan_out: bool | None = None) -> LoraLayer:
+def wrap(module: nn.Module) -> LoraLayer:
     """The LoRA layer for ``module``: Linear, Conv1D or Embedding.
 
     Raises:
