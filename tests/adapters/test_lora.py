@@ -211,3 +211,22 @@ def test_only_adapter_tensors_get_gradients_and_base_stays_bit_identical():
 def test_wrap_refuses_other_modules():
     with pytest.raises(LorakitError, match="LayerNorm"):
         wrap(nn.LayerNorm(4))
+
+
+@pytest.mark.parametrize("options, message", [
+    (AdapterOptions(r=2, alpha=2, use_dora=True, lora_bias=True), "lora_bias cannot be combined with DoRA"),
+    (AdapterOptions(r=2, alpha=2, init="bogus"), "unknown init_lora_weights"),
+])
+def test_a_refused_adapter_leaves_the_layer_as_it_was(options, message):
+    torch.manual_seed(0)
+    layer = wrap(nn.Linear(8, 6))
+    layer.add("kept", AdapterOptions(r=2, alpha=4, init=False))
+    layer.set_active(["kept"])
+    x = torch.randn(3, 8)
+    before, keys = layer(x), sorted(layer.state_dict())
+    with pytest.raises(LorakitError, match=message):
+        layer.add("new", options)
+    assert layer.adapter_names == ["kept"] and sorted(layer.state_dict()) == keys
+    assert torch.equal(layer(x), before)
+    layer.add("new", AdapterOptions(r=2, alpha=2))  # the name is free again
+    assert layer.adapter_names == ["kept", "new"]

@@ -98,15 +98,19 @@ class LoraLayer(nn.Module):
         """Create adapter ``name`` (fp32 if the base weight is half precision) and initialise it."""
         if name in self.options:
             raise LorakitError(f"adapter {name!r} already exists on this layer; delete it first")
-        self.options[name] = options
+        self.options[name] = options  # first: _create and _init read them
         self.scaling[name] = options.scaling
         self.variants[name] = variant_for(options)
-        self._create(name, options)
-        self._init(name, options.init)
-        weight = self.base_weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self._move_parameters(name, weight.device, dtype)
-        self.variants[name].create(self, name, options)  # its own state, from the initialised A and B
+        try:
+            self._create(name, options)
+            self._init(name, options.init)
+            weight = self.base_weight
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            self._move_parameters(name, weight.device, dtype)
+            self.variants[name].create(self, name, options)  # its own state, from the initialised A and B
+        except BaseException:
+            self._discard(name)  # a refused adapter leaves nothing behind: not its name, not half its tensors
+            raise
         self.train(self.base_layer.training)  # new modules start in train mode; follow the model's
 
     def delete(self, name: str) -> None:
@@ -115,11 +119,15 @@ class LoraLayer(nn.Module):
             return
         if name in self.merged:
             self._unmerge_one(name)
+        self._discard(name)
+
+    def _discard(self, name: str) -> None:
         for attr in self.adapter_attrs:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
-        del self.options[name], self.scaling[name], self.variants[name]
+        for table in (self.options, self.scaling, self.variants):
+            table.pop(name, None)
         self.active = [a for a in self.active if a != name]
 
     def set_active(self, names: list[str]) -> None:
