@@ -9,18 +9,17 @@ A checkpoint is a folder ``checkpoints/step-000040/`` holding
   optimizer's hyper-parameters, and the run config.
 
 Atomicity: everything is written into ``checkpoints/.tmp-step-…`` (files fsynced), then the folder
-is renamed into place in one ``os.replace``. A crash or ``kill -9`` at any moment leaves either
-the complete checkpoint or a ``.tmp-*`` folder, which is never read and is removed the next time.
+is renamed into place in one rename (:func:`lorakit._fs.atomic_folder`). A crash or ``kill -9`` at
+any moment leaves either the complete checkpoint or a ``.tmp-*`` folder, which is never read and is
+removed the next time.
 A folder counts as a checkpoint only if its name is ``step-N`` and ``trainer_state.json`` exists.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from lorakit import spectrum
+from lorakit._fs import atomic_folder
 from lorakit.adapter_io import save_adapter
 from lorakit.adapters.config import CONFIG_NAME as ADAPTER_CONFIG
 from lorakit.adapters.peft_format import WEIGHTS_NAME as ADAPTER_WEIGHTS
@@ -79,11 +79,10 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:06d}"
-    tmp = folder / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # Filled under .tmp-step-N-…, every file fsynced, then renamed into place (a step saved again,
+    # e.g. Ctrl-C right after a save, replaces the old folder whole).
+    with atomic_folder(final, prefix=f".tmp-{final.name}-", fsync=True) as tmp:
         save_weights(model, tmp)
         tensors, groups = _optimizer_tensors(optimizer)
         for key, value in (rng if rng is not None else rng_state()).items():
@@ -91,18 +90,6 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
         payload = {**asdict(state), "param_groups": groups, "format": 1}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
-        for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
-            trash = folder / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -238,15 +225,3 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     except (ValueError, RuntimeError) as err:
         raise LorakitError(f"{source}: the optimizer state does not fit this run: {err}") from None
 
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
