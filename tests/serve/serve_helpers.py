@@ -66,3 +66,55 @@ def peft_dora_adapter(model: torch.nn.Module, folder: Path) -> Path:
                                                                     use_dora=True))
     work.save_pretrained(folder)
     return folder
+
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_lora_and_dora(model: torch.nn.Module, root: Path, seed: int = 0) -> dict[str, Path]:
+    """Two trained-looking adapters written by PEFT itself: ``lora`` on every linear layer, the output
+    head and the input embeddings (r=4, rsLoRA off), ``dora`` on the attention and MLP projections
+    (r=2, a magnitude that is not the initial norm, so DoRA is not plain LoRA). Random non-zero factors,
+    scaled so that each adapter changes the model's distribution clearly but sanely."""
+    import peft
+
+    folders = {}
+    configs = {"lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR + ["lm_head", "embed_tokens"],
+                                       init_lora_weights=False),
+               "dora": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                       use_dora=True, init_lora_weights=False)}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed + i)
+        work = peft.get_peft_model(copy.deepcopy(model), config, adapter_name=name)
+        with torch.no_grad():
+            for key, param in work.named_parameters():
+                if "lora_embedding_B" in key:
+                    param.mul_(0.02)  # N(0, 1) factors: keep the embedding update near the embeddings' size
+                elif "lora_B" in key:
+                    param.mul_(0.5)
+                elif "lora_magnitude_vector" in key:
+                    param.mul_(1 + 0.2 * torch.randn(param.shape))
+        work.save_pretrained(root, selected_adapters=[name])
+        folders[name] = root / name
+    return folders
+
+
+def peft_reference(model: torch.nn.Module, folders: dict[str, Path]):
+    """One PEFT model holding every adapter in ``folders`` (the oracle): ``logits(ids, name)``."""
+    import peft
+
+    names = list(folders)
+    work = peft.PeftModel.from_pretrained(copy.deepcopy(model), folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        work.load_adapter(folders[name], adapter_name=name)
+    work.eval()
+
+    def logits(ids: list[int], name: str | None) -> torch.Tensor:
+        with torch.no_grad():
+            if name is None:
+                with work.disable_adapter():
+                    return work(input_ids=torch.tensor([ids])).logits[0].float()
+            work.set_adapter(name)
+            return work(input_ids=torch.tensor([ids])).logits[0].float()
+
+    return logits

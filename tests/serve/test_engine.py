@@ -349,3 +349,23 @@ def test_dora_adapter_mixed_with_lora_and_base(setup, tmp_path):
             reg.release(slot)
     with torch.no_grad():
         torch.testing.assert_close(served[0], ours(input_ids=ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_output_head_and_embedding_adapters_are_served(tmp_path):
+    """An adapter on the output head and the input embeddings (and one projection), mixed with a plain
+    adapter and the base: each request's greedy tokens equal the merged model's, alone."""
+    base = make_tiny("llama")
+    base.config.eos_token_id = base.generation_config.eos_token_id = None
+    folders = {"edge": save_random_adapter(base, tmp_path / "edge", r=4, seed=7,
+                                           targets=["lm_head", "embed_tokens", "v_proj"]),
+               "a": save_random_adapter(base, tmp_path / "a", r=2, seed=1)}
+    engine = make_engine(base, folders)
+    requests = list(zip(prompts(9, seed=4), ["edge", "a", None] * 3))
+    handles = [engine.submit(prompt_ids=p, adapter=a, params=SamplingParams(max_tokens=6, **GREEDY))
+               for p, a in requests]
+    got = [h.result().token_ids for h in handles]
+    layers = engine.registry.layers
+    assert len(layers["lm_head"].filled) == len(layers["model.embed_tokens"].filled) == 1  # "edge"'s slot
+    assert got == references(base, folders, requests, 6)
+    plain = references(base, folders, [(p, None) for p, _ in requests], 6)
+    assert any(g != b for g, b, (_, a) in zip(got, plain, requests) if a == "edge")

@@ -188,3 +188,67 @@ def test_dora_scale_stays_fp32_over_a_bf16_base():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got[0].float(), want, rtol=2e-2, atol=1e-1)  # bf16 slots and products
     torch.testing.assert_close(got[1], base(x[1]), rtol=2e-2, atol=1e-2)  # bias added after, in bf16
+
+
+@pytest.mark.parametrize("row_slots", [[0, 1, NO_ADAPTER], [2, 2], [NO_ADAPTER, 0]])
+def test_one_position_per_row_keeps_the_input_shape(row_slots):
+    """(B, in) in, (B, out) out, as the engine's head over each row's last position calls it."""
+    layer, context, adapters = make_layer()
+    x = torch.randn(len(row_slots), 12)
+    context.plan = LoraBatch.build(row_slots, ranks=[2, 8, 5, 0], num_slots=4)
+    expected = reference(layer, x[:, None], row_slots, adapters)[:, 0]
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (len(row_slots), 10)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_no_adapter_of_the_batch_adapts_run_the_base_alone():
+    layer, context, _ = make_layer(num_slots=4)
+    layer.write_slot(3, None, None, 1.0)  # slot 3's adapter skips this layer
+    assert layer.filled == {0, 1, 2}
+    x = torch.randn(2, 3, 12)
+    context.plan = LoraBatch.build([3, 3], ranks=[2, 8, 5, 4], num_slots=4)
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+
+
+def test_lazy_tables_appear_at_the_first_write():
+    base = nn.Linear(6, 50)
+    layer = BatchedLoraLinear(base, 2, 4, SlotContext(), 6, 50, torch.float32, lazy=True)
+    assert layer.lora_A is None and layer.lora_Bt is None
+    layer.write_slot(0, None, None, 1.0)
+    assert layer.lora_A is None  # an adapter that skips the layer allocates nothing
+    A, B = torch.randn(3, 6), torch.randn(50, 3)
+    layer.write_slot(1, A, B, 2.0)
+    assert layer.lora_A.shape == (2, 4, 6) and layer.filled == {1}
+    layer.context.plan = LoraBatch.build([1, NO_ADAPTER], ranks=[0, 3], num_slots=2)
+    x = torch.randn(2, 6)
+    expected = torch.stack([base(x[0]) + 2.0 * (x[0] @ A.T) @ B.T, base(x[1])])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_rows_match_per_row_formula():
+    from lorakit.serve.embedding import BatchedLoraEmbedding
+
+    torch.manual_seed(0)
+    base = nn.Embedding(30, 8)
+    context = SlotContext()
+    layer = BatchedLoraEmbedding(base, 3, 4, context, torch.float32)
+    assert layer.lora_At is None  # nothing allocated before an embedding adapter arrives
+    adapters = {}
+    for slot, (r, s) in enumerate([(2, 3.0), (4, 0.5)]):
+        A, B = torch.randn(r, 30), torch.randn(8, r)  # PEFT's lora_embedding_A (r, vocab), _B (dim, r)
+        layer.write_slot(slot, A, B, s)
+        adapters[slot] = (A, B, s)
+    ids = torch.randint(0, 30, (4, 5))
+    row_slots = [1, NO_ADAPTER, 0, 1]
+    context.plan = LoraBatch.build(row_slots, ranks=[2, 4, 0], num_slots=3)
+    expected = []
+    for row, slot in zip(ids, row_slots):
+        y = base(row)
+        if slot != NO_ADAPTER:
+            A, B, s = adapters[slot]
+            y = y + s * A.T[row] @ B.T
+        expected.append(y)
+    torch.testing.assert_close(layer(ids), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert layer.num_embeddings == 30 and layer.weight is base.weight

@@ -18,9 +18,18 @@ server does. All public methods are thread-safe.
 
 DoRA adapters are served per row like plain LoRA: each DoRA row's output is scaled by its
 adapter's per-feature ``c = m / ‖W + s·B A‖_row``, computed once when the adapter is loaded.
+Adapters of the output head and the input embeddings are served too (every layer an adapter
+changes counts), so logprobs are those of the adapter's own distribution.
 
-Not served (refused with a message when loading): ``lora_bias``, ``modules_to_save``, embedding
-LoRA. Merge those into the base with ``lorakit merge``.
+Prompts go through the prefix cache (:mod:`lorakit.serve.prefix_cache`): a prompt whose start was
+computed before, for the same adapter, prefills only the rest (:mod:`lorakit.serve.prefill`). A
+waiting prompt that shares a long uncached start with one admitted at this step waits one step, so
+that start is computed once (the choices of a multiple-choice question, a common system prompt).
+Logprobs (:mod:`lorakit.serve.logprobs`): ``SamplingParams.logprobs`` for generated tokens,
+``prompt_logprobs`` for the prompt's (computed in the same batched prefill as everything else).
+
+Not served (refused with a message when loading): ``lora_bias``, ``modules_to_save``, DoRA on an
+embedding. Merge those into the base with ``lorakit merge``.
 """
 
 from __future__ import annotations
@@ -39,42 +48,27 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorakit.errors import LorakitError
-from lorakit.serve.kv import BatchCache, prefill_inputs
-from lorakit.serve.layers import LoraBatch
-from lorakit.serve.registry import AdapterInfo, AdapterNotFoundError, AdapterRegistry, AdapterSlotsBusyError
+from lorakit.serve.head import OutputHead
+from lorakit.serve.kv import BatchCache
+from lorakit.serve.logprobs import TokenLogprob, pick
+from lorakit.serve.prefill import Prefiller, PrefillRow
+from lorakit.serve.prefix_cache import PrefixCache
+from lorakit.serve.prompts import eos_ids, model_context, tokenize_prompt
+from lorakit.serve.registry import AdapterInfo, AdapterNotFoundError, AdapterRegistry
 from lorakit.serve.requests import Completion, RequestHandle, TokenEvent
 from lorakit.serve.sampling import SamplingParams, sample
+from lorakit.serve.scheduling import Admission, Request
 from lorakit.serve.text import TextStream
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30  # 1 GiB of cached keys/values per engine
 
 
 class ContextLengthExceededError(LorakitError):
     """A prompt (plus its max_tokens) does not fit the context (HTTP: 400 context_length_exceeded)."""
 
     code = "context_length_exceeded"
-
-
-class _Request:
-    """Engine-side state of one request."""
-
-    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
-                 stream: TextStream, device: torch.device) -> None:
-        self.handle = handle
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.stream = stream
-        self.slot: int | None = None  # pinned adapter slot once admitted
-        self.generator = torch.Generator(device=device)
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
-        self.tokens: list[int] = []
-
-    @property
-    def completion(self) -> Completion:
-        return self.handle.completion
 
 
 class Engine:
@@ -93,12 +87,13 @@ class Engine:
         max_prefill_tokens: padded prompt tokens prefilled in one step at most (at least one
             request is always admitted).
         strategy: ``grouped`` (default) or ``gather``; see :mod:`lorakit.serve.layers`.
+        prefix_cache_bytes: memory for cached prompt prefixes (0 turns the prefix cache off).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_resident: int = 8,
                  max_rank: int = 16, target_modules: list[str] | str = "all-linear",
                  max_context: int | None = None, max_prefill_tokens: int = 8192,
-                 strategy: str = "grouped") -> None:
+                 strategy: str = "grouped", prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         if strategy not in ("grouped", "gather"):
             raise LorakitError(f"strategy must be 'grouped' or 'gather', got {strategy!r}")
         if max_batch < 1:
@@ -108,13 +103,20 @@ class Engine:
         self.registry = AdapterRegistry(model, max_resident=max_resident, max_rank=max_rank,
                                         target_modules=target_modules)
         self.device = next(model.parameters()).device
+        self.vocab = model.get_input_embeddings().num_embeddings
         self.max_batch, self.max_prefill_tokens, self.strategy = max_batch, max_prefill_tokens, strategy
-        self.max_context = max_context or _model_context(model)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.max_context = max_context or model_context(model)
+        self.eos_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self.head = OutputHead.split(model)  # None: the model runs whole, no prompt logprobs
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._prefiller = Prefiller(model, self.registry, self.head, self.prefix_cache, self.pad_id, self.device,
+                                    strategy)
+        self._admission = Admission(self.registry, self.prefix_cache, max_batch, max_prefill_tokens)
+        self._stale_versions: list[int] = []  # adapter versions unloaded or replaced: their prefixes go
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
         self._batch: BatchCache | None = None
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -142,7 +144,11 @@ class Engine:
         Raises:
             LorakitError: the folder is not a servable adapter for this model (the message says why).
         """
-        return self.registry.add(name, folder, replace=replace)
+        stale = self.registry.version(name) if replace and name in self.registry else None
+        info = self.registry.add(name, folder, replace=replace)
+        if stale is not None:
+            self._forget_prefixes(stale)
+        return info
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name``: new requests for it fail; running ones finish with it.
@@ -150,7 +156,13 @@ class Engine:
         Raises:
             AdapterNotFoundError: no adapter of that name.
         """
+        version = self.registry.version(name)
         self.registry.remove(name)
+        self._forget_prefixes(version)
+
+    def _forget_prefixes(self, version: int) -> None:
+        with self._lock:  # the cache belongs to the engine's loop: it drops them at its next step
+            self._stale_versions.append(version)
 
     def adapters(self) -> list[AdapterInfo]:
         """Every known adapter (``resident`` says whether it holds a slot now)."""
@@ -207,10 +219,14 @@ class Engine:
         Raises:
             AdapterNotFoundError: ``adapter`` is not loaded.
             ContextLengthExceededError: the prompt, or prompt + max_tokens, exceeds the context.
-            LorakitError: no/several prompts given, an empty prompt, no chat template.
+            LorakitError: no/several prompts given, an empty prompt, no chat template, prompt
+                logprobs from a model whose logits are not its head over its last hidden state.
         """
         params = params or SamplingParams()
-        ids = self._prompt_ids(prompt, messages, prompt_ids)
+        if params.prompt_logprobs is not None and self.head is None:
+            raise LorakitError("prompt logprobs (echo with logprobs) are not available for this model: its logits "
+                               "are not its output head applied to its last hidden state (lorakit.serve.head)")
+        ids = tokenize_prompt(self.tokenizer, self.vocab, prompt, messages, prompt_ids)
         if adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(
                 f"no adapter named {adapter!r} (loaded: {', '.join(self.registry.names()) or 'none'})")
@@ -224,7 +240,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(self, request_id, adapter, ids, on_event)
         stream = TextStream(self.tokenizer, params, self.eos_ids, params.max_tokens or room)
-        request = _Request(handle, ids, params, stream, self.device)
+        request = Request(handle, ids, params, stream, self.device)
         with self._lock:
             self._waiting.append(request)
             self._lock.notify_all()
@@ -245,27 +261,6 @@ class Engine:
         handles = [self.submit(**item, adapter=a, params=p) for item, a, p in zip(items, names, plist)]
         return [h.result() for h in handles]
 
-    def _prompt_ids(self, prompt: str | None, messages: list[dict] | None, prompt_ids: list[int] | None) -> list[int]:
-        given = [x is not None for x in (prompt, messages, prompt_ids)]
-        if sum(given) != 1:
-            raise LorakitError("give exactly one of prompt, messages or prompt_ids")
-        if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise LorakitError("this tokenizer has no chat template; send a plain prompt instead of messages")
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif prompt is not None:
-            ids = self.tokenizer(prompt)["input_ids"]
-        else:
-            ids = [int(t) for t in prompt_ids]
-            vocab = self.model.get_input_embeddings().num_embeddings
-            if not all(0 <= t < vocab for t in ids):  # caught here, it cannot fail a whole prefill batch
-                raise LorakitError(f"prompt token ids must lie in [0, {vocab}) for this model; got "
-                                   f"{[t for t in ids if not 0 <= t < vocab][:5]}")
-        if not ids:
-            raise LorakitError("the prompt is empty: it must hold at least one token")
-        return list(ids)
-
     # -- the loop ------------------------------------------------------------------------------
 
     @property
@@ -281,7 +276,7 @@ class Engine:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "cache_length": self._batch.length if self._batch else 0,
-                    "resident": self.registry.resident()}
+                    "resident": self.registry.resident(), "prefix_cache": self.prefix_cache.stats()}
 
     def start(self) -> Engine:
         """Run the engine loop in a background thread (idempotent). Returns the engine."""
@@ -340,6 +335,10 @@ class Engine:
             Whether requests remain (running or waiting).
         """
         with self._step_lock, torch.inference_mode():
+            with self._lock:
+                stale, self._stale_versions = self._stale_versions, []
+            for version in stale:
+                self.prefix_cache.drop(version)
             self._drop_cancelled()
             if self._running:
                 try:
@@ -356,27 +355,31 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         logits = self._forward(ids, mask, positions, self._batch.cache, [r.slot for r in rows])
         self._batch.advance(mask)
-        tokens = self._sample(logits, rows)
-        finished = [self._emit(r, t) for r, t in zip(rows, tokens)]
+        tokens, logprobs = self._sample(logits, rows)
+        finished = [self._emit(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
         self._retire([i for i, done in enumerate(finished) if not done])
 
     def _admit_and_prefill(self) -> None:
-        admitted = self._admit()
+        with self._lock:
+            admitted = self._admission.admit(self._waiting, len(self._running), self._finish)
         if not admitted:
             return
-        ids, mask, positions = prefill_inputs([r.prompt_ids for r in admitted], self.pad_id, self.device)
-        cache = DynamicCache()
+        rows = [PrefillRow(r.prompt_ids, r.slot, r.key, r.params.prompt_logprobs, r.match) for r in admitted]
+        for r in admitted:
+            r.match = None
         try:
-            logits = self._forward(ids, mask, positions, cache, [r.slot for r in admitted])
-            tokens = self._sample(logits, admitted)
+            result = self._prefiller.run(rows)
+            tokens, logprobs = self._sample(result.logits, admitted)
         except Exception as err:  # fails the newcomers only; the running batch is untouched
             log.exception("prefill failed; failing the %d requests it admitted", len(admitted))
             for r in admitted:
                 self._finish(r, "error", err)
                 self.registry.release(r.slot)
             return
-        new = BatchCache(cache, mask, positions[:, -1] + 1)
-        finished = [self._emit(r, t) for r, t in zip(admitted, tokens)]
+        new = result.batch
+        for r, prompt_logprobs in zip(admitted, result.prompt_logprobs):
+            r.completion.prompt_logprobs = prompt_logprobs
+        finished = [self._emit(r, t, lp) for r, t, lp in zip(admitted, tokens, logprobs)]
         for r, done in zip(admitted, finished):
             if done:
                 if r.completion.finish_reason is None:
@@ -393,54 +396,33 @@ class Engine:
                 self._batch.join(new)
             self._running.extend(admitted[i] for i in keep)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's next token, and its logprob where the request asked (from the raw logits)."""
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw = logits[want].float() if want else None  # a copy, before min_tokens masks it
         for i, r in enumerate(rows):  # min_tokens: no stop token yet
             if len(r.tokens) < r.params.min_tokens and r.stream.stop_ids:
                 logits[i, sorted(r.stream.stop_ids)] = float("-inf")
-        return sample(logits, [r.params for r in rows], [r.generator for r in rows])
-
-    def _admit(self) -> list[_Request]:
-        admitted: list[_Request] = []
-        longest = 0
-        with self._lock:
-            while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-                request = self._waiting[0]
-                if request.handle.cancelled:
-                    self._waiting.popleft()
-                    self._finish(request, "cancelled")
-                    continue
-                length = max(longest, len(request.prompt_ids))
-                if admitted and length * (len(admitted) + 1) > self.max_prefill_tokens:
-                    break
-                try:
-                    request.slot = self.registry.acquire(request.handle.adapter)
-                except AdapterSlotsBusyError:
-                    break  # stays first in line until a running request frees a slot
-                except AdapterNotFoundError as err:  # unloaded after submit: fails alone
-                    self._waiting.popleft()
-                    self._finish(request, "error", err)
-                    continue
-                self._waiting.popleft()
-                admitted.append(request)
-                longest = length
-        return admitted
+        tokens = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if want:
+            k = max(rows[i].params.logprobs for i in want)
+            picked = pick(raw, torch.tensor([tokens[i] for i in want], device=raw.device), k)
+            for i, entry in zip(want, picked):
+                logprobs[i] = TokenLogprob(entry.token, entry.logprob, entry.top[:rows[i].params.logprobs])
+        return tokens, logprobs
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
                  slots: list[int]) -> torch.Tensor:
         """Last-position logits (B, V) of one forward in which row ``i`` uses adapter slot ``slots[i]``."""
-        context = self.registry.context
-        context.plan = LoraBatch.build(slots, self.registry.slot_ranks(), self.registry.max_resident,
-                                       self.device, self.strategy)
-        try:
+        with self.registry.context.using(self._prefiller.plan(slots)):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
-        finally:
-            context.plan = None
         return out.logits[:, -1]
 
     # -- tokens, text, finishing ---------------------------------------------------------------
 
-    def _emit(self, request: _Request, token: int) -> bool:
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record ``token`` for ``request``, stream what became final; True when it finished."""
         request.tokens.append(token)
         stream = request.stream
@@ -449,12 +431,17 @@ class Engine:
         completion.token_ids = list(request.tokens)
         completion.text = stream.text
         completion.finish_reason = stream.finish_reason
+        if logprob is not None:
+            if completion.logprobs is None:
+                completion.logprobs = []
+            completion.logprobs.append(logprob)
         event = TokenEvent(request.handle.request_id, delta, token, len(request.tokens),
-                           finished=stream.finish_reason is not None, finish_reason=stream.finish_reason)
+                           finished=stream.finish_reason is not None, finish_reason=stream.finish_reason,
+                           logprob=logprob)
         self._publish(request, event)
         return event.finished or request.handle.cancelled
 
-    def _publish(self, request: _Request, event: TokenEvent) -> None:
+    def _publish(self, request: Request, event: TokenEvent) -> None:
         try:
             request.handle._publish(event)
         except Exception:  # a failing callback cancels its own request, nothing else
@@ -463,7 +450,7 @@ class Engine:
             if not event.finished:
                 self._finish(request, "cancelled")
 
-    def _finish(self, request: _Request, reason: str, error: Exception | None = None) -> None:
+    def _finish(self, request: Request, reason: str, error: Exception | None = None) -> None:
         completion = request.completion
         if completion.finish_reason is not None:
             return
@@ -511,21 +498,3 @@ class Engine:
         with self._lock:
             self._running, self._batch = [], None
 
-
-def _model_context(model: nn.Module) -> int:
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    window = getattr(config, "sliding_window", None)
-    # The batch cache keeps every column; past a sliding window the model's own cache would drop some.
-    return min(limit, window) if isinstance(window, int) and window > 0 else limit
-
-
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

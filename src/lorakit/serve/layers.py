@@ -27,7 +27,7 @@ What is notable:
 - The rank is cut to the largest rank among the adapters in use, so a batch of r=4 adapters in an
   engine sized for r=64 does r=4 work.
 - A batch where every row uses one adapter skips the grouping (two plain matmuls); a batch with no
-  adapter at all runs the base layer alone.
+  adapter at all, or none that adapts this layer (``filled``), runs the base layer alone.
 - DoRA adapters: ``y = c ⊙ (W x + s·B A x) + b`` with ``c = m / ‖W + s·B A‖_row``, one (out,)
   vector per adapter and layer, computed once when the adapter is loaded (the registry). A slot
   holding one sets its row of ``lora_scale`` (slots + 1, out; fp32; allocated at the first DoRA
@@ -42,6 +42,8 @@ What is notable:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +144,15 @@ class SlotContext:
     def __init__(self) -> None:
         self.plan: LoraBatch | None = None
 
+    @contextlib.contextmanager
+    def using(self, plan: LoraBatch | None) -> Iterator[None]:
+        """Run the forwards inside the ``with`` block under ``plan``."""
+        self.plan = plan
+        try:
+            yield
+        finally:
+            self.plan = None
+
 
 class BatchedLoraLinear(nn.Module):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``) plus slot tables of LoRA adapters.
@@ -150,19 +161,30 @@ class BatchedLoraLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, num_slots: int, max_rank: int, context: SlotContext,
-                 in_features: int, out_features: int, dtype: torch.dtype) -> None:
+                 in_features: int, out_features: int, dtype: torch.dtype, lazy: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = is_conv1d(base_layer)  # Conv1D stores W as (in, out)
-        device = base_layer.weight.device
-        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("lora_Bt", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
-                             persistent=False)
+        self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
+        self.register_buffer("lora_A", None, persistent=False)
+        self.register_buffer("lora_Bt", None, persistent=False)
+        if not lazy:  # lazy (the output head: out = vocab): the tables appear at the first adapter write
+            self._allocate()
         self.register_buffer("lora_scale", None, persistent=False)  # DoRA's c per slot: see write_slot
+        self.filled: set[int] = set()  # slots whose adapter adapts this layer (the others add nothing)
         self.dora_slots: set[int] = set()  # slots whose adapter is DoRA on this layer
         self.context = context  # a plain object, not a module: shared by every layer
+
+    @property
+    def weight(self) -> torch.Tensor:  # what callers of ``model.get_output_embeddings()`` read
+        return self.base_layer.weight
+
+    def _allocate(self) -> None:
+        device = self.base_layer.weight.device
+        shape = (self.num_slots, self.max_rank)
+        self.lora_A = torch.zeros(*shape, self.in_features, dtype=self.dtype, device=device)
+        self.lora_Bt = torch.zeros(*shape, self.out_features, dtype=self.dtype, device=device)
 
     @torch.no_grad()
     def write_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float,
@@ -172,8 +194,15 @@ class BatchedLoraLinear(nn.Module):
         ``scale``: a DoRA adapter's ``c = m / ‖W + s·B A‖_row`` (out,) on this layer, or None for
         plain LoRA. The (slots + 1, out) table is allocated at the first DoRA write.
         """
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
+        if A is not None and self.lora_A is None:
+            self._allocate()
+        if self.lora_A is not None:
+            self.lora_A[slot].zero_()
+            self.lora_Bt[slot].zero_()
+        if A is None:
+            self.filled.discard(slot)
+        else:
+            self.filled.add(slot)
         if A is not None and scale is not None:
             if self.lora_scale is None:
                 slots = self.lora_A.shape[0]
@@ -194,6 +223,8 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         plan = self.context.plan
+        if plan is not None and self.filled.isdisjoint(plan.slot_list):
+            plan = None  # no adapter in this batch adapts this layer: its update is zero
         if plan is not None and self.dora_slots and not self.dora_slots.isdisjoint(plan.slot_list):
             return self._forward_dora(x, plan)
         out = self.base_layer(x, *args, **kwargs)
@@ -234,7 +265,8 @@ class BatchedLoraLinear(nn.Module):
             Bt = self.lora_Bt.index_select(0, plan.row_slots)[:, :plan.rank]  # (B, r, out)
             y = torch.bmm(torch.bmm(xt, A.transpose(1, 2)), Bt) * plan.row_mask.to(xt.dtype)
         elif in_place:
-            return self._grouped(xt, plan, out.view(plan.rows, -1, self.out_features))
+            self._grouped(xt, plan, out.view(plan.rows, -1, self.out_features))  # into out's storage
+            return out
         else:
             y = self._grouped(xt, plan)
         if in_place:
@@ -267,5 +299,4 @@ class BatchedLoraLinear(nn.Module):
         return y.index_select(0, plan.scatter)  # (B, T, out), rows without an adapter get zeros
 
     def extra_repr(self) -> str:
-        slots, rank, _ = self.lora_A.shape
-        return f"in={self.in_features}, out={self.out_features}, slots={slots}, max_rank={rank}"
+        return f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, max_rank={self.max_rank}"

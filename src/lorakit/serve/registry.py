@@ -11,18 +11,25 @@ Two levels, as in S-LoRA and LoRAX:
   modules (in place, by name). A request pins its adapter's slot while it runs; a new adapter
   takes a free slot or evicts the least recently used unpinned one.
 
+Beyond the target modules, the output head and the input embeddings always get batched layers
+(:class:`~lorakit.serve.embedding.BatchedLoraEmbedding`), with tables allocated at the first
+adapter that adapts them: an adapter's changes to every layer it trains are served, so its
+logprobs are those of its own distribution. Each registered adapter gets a ``version`` (a new one
+at every add, also on replace); the version a slot holds keys the engine's prefix cache.
+
 Thread safety: every public method takes one lock. Slots are only written by :meth:`acquire`, which
 the engine calls from its own loop between forwards, so a forward never reads a half-written slot.
 Removing an adapter that running requests still use takes it off the known list at once (new
 requests fail) and frees its slot when the last of them finishes.
 
 Refused with a clear message (never served wrongly): ``lora_bias``,
-``modules_to_save``, embedding LoRA, modules outside the engine's targets, ranks above
+``modules_to_save``, DoRA on an embedding, modules outside the engine's targets, ranks above
 ``max_rank``, NaN/inf weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,13 +41,15 @@ from torch import nn
 from lorakit.adapters import dora
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layout import features, is_linear, out_in
-from lorakit.adapters.peft_format import module_scaling, part_file_key, read_adapter
+from lorakit.adapters.peft_format import module_scaling, part_file_key, read_adapter, without_prefix
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name, find_targets, set_submodule
+from lorakit.serve.embedding import BatchedLoraEmbedding
 from lorakit.serve.layers import NO_ADAPTER, BatchedLoraLinear, SlotContext
 
 
 _MAGNITUDE = "lora_magnitude_vector"  # DoRA's m in PEFT's files: <module>.lora_magnitude_vector
+_EMBEDDING_PARTS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}  # same layout as linear (in = vocab)
 
 
 class AdapterNotFoundError(LorakitError):
@@ -72,6 +81,9 @@ class _HostAdapter:
     info: AdapterInfo
     # module -> (A, B, scaling, DoRA's c (out,) or None)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]
+    version: int = 0
+
+BASE_VERSION = 0  # the version of "no adapter" (slot NO_ADAPTER)
 
 
 class AdapterRegistry:
@@ -97,22 +109,34 @@ class AdapterRegistry:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident, least recently used first
         self._slot_name: list[str | None] = [None] * max_resident
         self._slot_rank: list[int] = [0] * max_resident
+        self._slot_version: list[int] = [BASE_VERSION] * max_resident
         self._pins: list[int] = [0] * max_resident
+        self._versions = itertools.count(BASE_VERSION + 1)
         self._lock = threading.RLock()
 
-    def _install(self, model: nn.Module, targets: list[str] | str, dtype: torch.dtype | None) -> dict[str, BatchedLoraLinear]:
+    def _install(self, model: nn.Module, targets: list[str] | str,
+                 dtype: torch.dtype | None) -> dict[str, BatchedLoraLinear | BatchedLoraEmbedding]:
         names = find_targets(model, LoraConfig(target_modules=targets), strict=True)
+        owner = {id(m): n for n, m in model.named_modules()}
+        extras = [owner.get(id(m)) for m in (_get_embeddings(model, "output"), _get_embeddings(model, "input"))]
         layers = {}
-        for name in names:
+        for name in names + [n for n in extras if n is not None and n not in names]:
             base = model.get_submodule(name)
-            if isinstance(base, BatchedLoraLinear):
+            if isinstance(base, (BatchedLoraLinear, BatchedLoraEmbedding)):
                 raise LorakitError(f"module {name} already serves adapters; build one registry per model")
-            if not is_linear(base):
+            lazy = name not in names  # the head and embeddings: tables only once an adapter needs them
+            if isinstance(base, nn.Embedding):
+                layer = BatchedLoraEmbedding(base, self.max_resident, self.max_rank, self.context,
+                                             dtype or base.weight.dtype)
+            elif is_linear(base):
+                in_f, out_f, _ = features(base)
+                layer = BatchedLoraLinear(base, self.max_resident, self.max_rank, self.context, in_f, out_f,
+                                          dtype or base.weight.dtype, lazy=lazy)
+            elif lazy:
+                continue  # an unusual head or embedding module: adapters on it are refused by name
+            else:
                 raise LorakitError(f"module {name} is a {type(base).__name__}; the engine serves LoRA on "
-                                   "linear layers only (embedding LoRA is not served)")
-            in_f, out_f, _ = features(base)
-            layer = BatchedLoraLinear(base, self.max_resident, self.max_rank, self.context, in_f, out_f,
-                                      dtype or base.weight.dtype)
+                                   "linear layers and embeddings only")
             set_submodule(model, name, layer)
             layers[name] = layer
         return layers
@@ -138,6 +162,7 @@ class AdapterRegistry:
                 raise LorakitError(f"adapter {name!r} is already loaded; unload it first or pass replace=True")
             if name in self._known:
                 self._forget(name)
+            adapter.version = next(self._versions)
             self._known[name] = adapter
         return adapter.info
 
@@ -181,6 +206,22 @@ class AdapterRegistry:
         with self._lock:
             return list(self._slot_of)
 
+    def version(self, name: str | None) -> int:
+        """The version of adapter ``name`` as registered now (``BASE_VERSION`` for None)."""
+        if name is None:
+            return BASE_VERSION
+        with self._lock:
+            if name not in self._known:
+                raise AdapterNotFoundError(f"no adapter named {name!r} (loaded: {', '.join(self._known) or 'none'})")
+            return self._known[name].version
+
+    def slot_version(self, slot: int) -> int:
+        """The version of the adapter written in ``slot`` (stable while the slot is pinned)."""
+        if slot == NO_ADAPTER:
+            return BASE_VERSION
+        with self._lock:
+            return self._slot_version[slot]
+
     def info(self, name: str) -> AdapterInfo:
         """What the registry knows of ``name``."""
         with self._lock:
@@ -213,6 +254,7 @@ class AdapterRegistry:
                 self._slot_of[name] = slot
                 self._slot_name[slot] = name
                 self._slot_rank[slot] = self._known[name].info.rank
+                self._slot_version[slot] = self._known[name].version
             self._slot_of.move_to_end(name)
             self._pins[slot] += 1
             return slot
@@ -257,9 +299,10 @@ class AdapterRegistry:
         _refuse_unservable(config, folder)
         file = read_adapter(folder, config=config)
         source = file.source
-        if file.other:
-            raise LorakitError(f"{source}: tensor {next(iter(file.other))} is not a LoRA weight (expected "
-                               "<module>.lora_A.weight / lora_B.weight); the engine serves plain LoRA adapters only")
+        for key, tensor in file.other.items():
+            if not self._is_base_copy(key, tensor, source):
+                raise LorakitError(f"{source}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight / "
+                                   "lora_B.weight); the engine serves plain LoRA adapters only")
         weights = {}
         for module, parts in file.modules.items():
             weights[module] = self._check_module(module, parts, config, source)
@@ -269,12 +312,26 @@ class AdapterRegistry:
         info = AdapterInfo(name=name, path=str(folder), rank=rank, modules=len(weights), dora=config.use_dora)
         return _HostAdapter(info, weights)
 
+    def _is_base_copy(self, key: str, tensor: torch.Tensor, source: Path) -> bool:
+        """Whether ``key`` is a copy of a base weight (PEFT saves the embeddings' when it adapts them):
+        skipped when equal to the base's; a different one (a resized or retrained vocabulary) cannot
+        vary per request and is refused."""
+        module, _, rest = without_prefix(key).rpartition(".base_layer.")
+        layer = self.layers.get(module)
+        if layer is None or rest != "weight":
+            return False
+        base = layer.base_layer.weight
+        if tuple(tensor.shape) == tuple(base.shape) and torch.equal(tensor.to(base.device, base.dtype), base):
+            return True
+        raise LorakitError(f"{source}: {key} replaces the base model's {module} weight (a resized or retrained "
+                           "vocabulary), which the multi-adapter engine cannot vary per request; merge the adapter "
+                           "with `lorakit merge` and serve the merged model")
+
     def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
                       source: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        if isinstance(self.layers.get(module), BatchedLoraEmbedding):  # PEFT's embedding parts: A (r, vocab), B (dim, r)
+            parts = {_EMBEDDING_PARTS.get(part, part): tensor for part, tensor in parts.items()}
         for part in parts:
-            if part.startswith("lora_embedding"):
-                raise LorakitError(f"{source}: {part_file_key(module, part)} is an embedding LoRA, which the "
-                                   "multi-adapter engine does not serve")
             if part not in ("lora_A", "lora_B", _MAGNITUDE):
                 raise LorakitError(f"{source}: tensor {part_file_key(module, part)} is not a LoRA weight (expected "
                                    "<module>.lora_A.weight / lora_B.weight); the engine serves plain LoRA adapters only")
@@ -286,6 +343,9 @@ class AdapterRegistry:
             missing = ", ".join(p if p == _MAGNITUDE else f"{p}.weight" for p in sorted(wanted - set(parts)))
             raise LorakitError(f"{source}: module {module} lacks {missing}")
         layer = self.layers.get(module)
+        if isinstance(layer, BatchedLoraEmbedding) and config.use_dora:
+            raise LorakitError(f"{source}: DoRA on the embedding {module} is not served (nor trained by lorakit); "
+                               "merge the adapter with `lorakit merge` and serve the merged model")
         if layer is None:
             raise LorakitError(
                 f"{source}: adapts module {module!r}, which this engine does not serve "
@@ -336,3 +396,11 @@ def _refuse_unservable(config: LoraConfig, folder: Path) -> None:
     if config.bias != "none":
         raise LorakitError(f"{folder}: bias={config.bias!r} trains base biases, which the multi-adapter "
                            "engine cannot vary per request; merge it with `lorakit merge` instead")
+
+
+def _get_embeddings(model: nn.Module, which: str) -> nn.Module | None:
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return getter() if getter is not None else None
+    except NotImplementedError:  # transformers raises it for models without one
+        return None

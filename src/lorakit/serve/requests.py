@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lorakit.errors import LorakitError
+from lorakit.serve.logprobs import TokenLogprob
 
 if TYPE_CHECKING:
     from lorakit.serve.engine import Engine
@@ -38,6 +39,7 @@ class TokenEvent:
         finished: the last event of the request.
         finish_reason: ``stop`` (end-of-sequence, stop token or stop string), ``length``
             (max_tokens or the context limit), ``cancelled`` or ``error``; None until finished.
+        logprob: the token's logprob and alternatives, when the request asked for ``logprobs``.
     """
 
     request_id: str
@@ -46,11 +48,16 @@ class TokenEvent:
     index: int
     finished: bool = False
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
 class Completion:
-    """A finished request."""
+    """A finished request.
+
+    ``logprobs``: one entry per generated token, with ``SamplingParams.logprobs``;
+    ``prompt_logprobs``: one per prompt token (the first is None), with ``prompt_logprobs``.
+    """
 
     request_id: str
     adapter: str | None
@@ -59,6 +66,8 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     error: LorakitError | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.serve.logprobs import MAX_LOGPROBS
 
 
 @dataclass
@@ -42,6 +43,10 @@ class SamplingParams:
     """Keep the stop string at the end of the text."""
     seed: int | None = None
     """Seed of this request's own random generator: the same seed gives the same tokens."""
+    logprobs: int | None = None
+    """Return each generated token's logprob and this many alternatives (0…20); None: none."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (the first: None) and this many alternatives; None: none."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +69,11 @@ class SamplingParams:
             raise LorakitError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise LorakitError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise LorakitError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (or None), got {value!r}")
 
     @property
     def greedy(self) -> bool:
