@@ -25,6 +25,15 @@ class WordTokenizer:
         return "".join(f" w{i}" for i in ids)
 
 
+class ChatWordTokenizer(WordTokenizer):
+    """The word tokenizer with a "chat template": the messages' contents, joined."""
+
+    chat_template = "contents joined by spaces"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return " ".join(m["content"] for m in messages)
+
+
 def save_random_adapter(model: torch.nn.Module, folder: Path, r: int = 4, alpha: float = 8,
                         targets="all-linear", seed: int = 0, b_scale: float = 0.5, **config) -> Path:
     """A PEFT-format adapter with random, non-zero A and B (a trained-looking update) for ``model``."""

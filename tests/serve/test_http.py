@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 from conftest import make_tiny
-from serve.serve_helpers import WordTokenizer, save_random_adapter
+from serve.serve_helpers import ChatWordTokenizer, save_random_adapter
 
 from lorakit.serve import Engine, SamplingParams
 from lorakit.serve.asgi import BackgroundServer
@@ -26,15 +26,6 @@ from lorakit.serve.http import create_app
 BASE = "tiny-llama"
 KEY = "sk-test-key"
 GREEDY = dict(temperature=0)
-
-
-class ChatWordTokenizer(WordTokenizer):
-    """The word tokenizer with a "chat template": the messages' contents, joined."""
-
-    chat_template = "contents joined by spaces"
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        return " ".join(m["content"] for m in messages)
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +182,18 @@ def test_prompt_over_the_context_is_400_context_length_exceeded(served):
     ({"temperature": "hot"}, "temperature", "valid number"),
     ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"top_p": 1.5}, "top_p", "less than or equal to 1"),
-    ({"n": 2}, "n", "only n=1"),
-    ({"logprobs": 2}, "logprobs", "not supported"),
-    ({"echo": True}, "echo", "not supported"),
+    ({"n": 0}, "n", "greater than or equal to 1"),
+    ({"n": 200}, "n", "less than or equal to 128"),
+    ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ({"best_of": 2}, "best_of", "not supported"),
     ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ({"max_token": 5}, "max_token", "unrecognized request argument"),
     ({"stop": 5}, "stop", "a string or a list of strings"),
     ({"prompt": [3, 10_000]}, "prompt", "token ids must lie in [0, 96)"),
-    ({"prompt": ["w1", "w2"]}, "prompt", "one prompt per request"),
-    ({"prompt": {"text": "w1"}}, "prompt", "expected a string, a list of token ids"),
+    ({"prompt": []}, "prompt", "an empty list"),
+    ({"prompt": [[1, 2], [3, 10_000]]}, "prompt", "token ids must lie in [0, 96)"),
+    ({"prompt": ["w1 " * 30, "w1 " * 70]}, "prompt", "maximum context length is 64"),
+    ({"prompt": {"text": "w1"}}, "prompt", "expected a string, a list of strings, a list of token ids"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "min_tokens must be"),
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(served, extra, param, words):
@@ -213,8 +207,9 @@ def test_chat_parameter_errors_name_the_field(served):
     response = post(served, "/v1/chat/completions", {"model": "a", "messages": [{"role": "robot", "content": "w1"}]})
     assert response.status_code == 400 and error_of(response)["param"] == "messages"
     response = post(served, "/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "w1"}],
-                                                     "logprobs": True})
-    assert response.status_code == 400 and error_of(response)["param"] == "logprobs"
+                                                     "top_logprobs": 2})
+    assert response.status_code == 400 and error_of(response)["param"] == "top_logprobs"
+    assert "needs logprobs: true" in error_of(response)["message"]
     with pytest.raises(openai.BadRequestError) as caught:
         served["client"].chat.completions.create(model="a", messages=[], max_tokens=2)
     assert caught.value.param == "messages"

@@ -39,6 +39,7 @@ import itertools
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,14 @@ from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 from lorakit.serve.asgi import BodyLimit, CountResponses
 from lorakit.serve.engine import ContextLengthExceededError, Engine
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.jobs import Job
+from lorakit.serve.logprobs import TokenStrings
 from lorakit.serve.page import add_page
-from lorakit.serve.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
-                                    UnloadAdapterRequest, chat_body, chunk, completion_body, parse_request, sse,
-                                    usage_chunk)
+from lorakit.serve.protocol import (MAX_CHOICES, APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
+                                    UnloadAdapterRequest, parse_request)
 from lorakit.serve.registry import AdapterNotFoundError
-from lorakit.serve.requests import RequestHandle, TokenEvent
+from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.tokenization import add_tokenizer_routes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, a
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/load_lora_adapter", server.load_adapter, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/unload_lora_adapter", server.unload_adapter, methods=["POST"], dependencies=auth)
+    add_tokenizer_routes(app, server)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
     roots = {label: root for label, root in (("data", data_root), ("adapter", adapter_root)) if root is not None}
@@ -134,6 +138,7 @@ class _Server:
         self.in_flight = 0
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.strings = TokenStrings(engine.tokenizer)
         self._ids = itertools.count()
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class _Server:
     async def render_metrics(self) -> PlainTextResponse:
         stats = self.engine.stats()
         text = self.metrics.render(stats["running"], stats["waiting"], len(self.engine.registry.names()),
-                                   len(stats["resident"]))
+                                   len(stats["resident"]), stats["prefix_cache"])
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- generation ------------------------------------------------------------------------------
@@ -193,15 +198,21 @@ class _Server:
         chat = kind is ChatRequest
         adapter = self.adapter_for(body.model)
         params = body.sampling(None if chat else COMPLETION_DEFAULT_MAX_TOKENS)
-        prompt = body.engine_prompt()
-        if self.in_flight >= self.capacity:
+        prompts = body.engine_prompts()
+        count = len(prompts) * body.n
+        if count > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts × n={body.n} is {count} choices; at most {MAX_CHOICES} in "
+                           "one request", param="n")
+        if self.in_flight + count > self.capacity:
             raise APIError(429, f"the server is busy: {self.in_flight} requests in flight, the most it takes "
                            "(max_batch + max_queue); retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
-        job = _Job(self, body.model, chat, f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}")
+        echo = not chat and body.echo
+        echoes = [self._prompt_text(p) if echo else None for p in prompts for _ in range(body.n)]
+        job = Job(self, body.model, chat, f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}", body.n, echoes,
+                  params.logprobs is not None, self.strings)
         try:
-            job.handle = await asyncio.to_thread(self.engine.submit, **prompt, adapter=adapter, params=params,
-                                                 on_event=job.put, request_id=job.id)
+            await asyncio.to_thread(self._submit, job, prompts, adapter, params)
         except LorakitError as err:
             job.close()
             raise _submit_error(err, "messages" if chat else "prompt") from None
@@ -211,44 +222,41 @@ class _Server:
         job.watch(request)
         if body.stream:
             first = await job.next()
-            if first is None or (first.finished and first.finish_reason == "error"):
+            if first is None or (first[1].finished and first[1].finish_reason == "error"):
                 job.close()
-                return _finished_badly(job, first)
-            return StreamingResponse(self._stream(job, first, body.include_usage), media_type="text/event-stream",
+                return _finished_badly(job, first is not None)
+            return StreamingResponse(job.stream(first, body.include_usage, lambda: _failure(job)),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(job.aclose))
         try:
-            while (event := await job.next()) is not None and not event.finished:
-                pass
+            failed = await job.wait()
+            gone = job.closed
         finally:
             job.close()
-        if event is None or event.finish_reason == "error":
-            return _finished_badly(job, event)
-        make = chat_body if chat else completion_body
-        return JSONResponse(make(job.id, job.created, job.model, job.handle.completion))
+        if gone or failed is not None:
+            return _finished_badly(job, not gone)
+        return JSONResponse(job.answer())
 
-    async def _stream(self, job: _Job, event: TokenEvent | None, include_usage: bool):
-        def data(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
-            return sse(chunk(job.chat, job.id, job.created, job.model, text, finish_reason, role, include_usage))
-
+    def _submit(self, job: Job, prompts: list[dict[str, Any]], adapter: str | None, params: SamplingParams) -> None:
+        """Submit every choice (a worker thread: tokenizing); on a bad prompt cancel the ones submitted."""
         try:
-            if job.chat:
-                yield data("", role=True)
-            while event is not None and not event.finished:
-                if event.text:
-                    yield data(event.text)
-                event = await job.next()
-            if event is None:  # the client left
-                return
-            if event.finish_reason == "error":
-                yield sse(_failure(job).body())
-            else:
-                yield data(event.text or (None if job.chat else ""), event.finish_reason)
-                if include_usage:
-                    yield sse(usage_chunk(job.chat, job.id, job.created, job.model, job.handle.completion))
-            yield sse("[DONE]")
-        finally:
-            job.close()
+            for i, prompt in enumerate(prompts):
+                for j in range(job.n):
+                    seeded = replace(params, seed=params.seed + j) if params.seed is not None and j else params
+                    index = i * job.n + j
+                    job.handles.append(self.engine.submit(**prompt, adapter=adapter, params=seeded,
+                                                          on_event=job.listener(index), request_id=f"{job.id}-{index}"))
+        except BaseException:
+            for handle in job.handles:
+                handle.cancel()
+            raise
+
+    def _prompt_text(self, prompt: dict[str, Any]) -> str:
+        """The prompt as ``echo`` returns it: the string given, or the token ids decoded."""
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        return self.engine.tokenizer.decode(prompt["prompt_ids"], skip_special_tokens=False)
 
     # -- runtime adapters ------------------------------------------------------------------------
 
@@ -316,69 +324,15 @@ class _Server:
         return folder
 
 
-class _Job:
-    """One generation as the event loop sees it: the engine's events, bridged from its thread."""
-
-    def __init__(self, server: _Server, model: str, chat: bool, request_id: str) -> None:
-        self.server, self.model, self.chat, self.id = server, model, chat, request_id
-        self.created = int(time.time())
-        self.started = time.perf_counter()
-        self.handle: RequestHandle | None = None
-        self.closed = False
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
-        self._watcher: asyncio.Task | None = None
-        server.in_flight += 1
-
-    def put(self, event: TokenEvent) -> None:
-        """The engine's ``on_event`` (its thread): hand the event to the loop."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def next(self) -> TokenEvent | None:
-        """The next event; None once the client has gone."""
-        return None if self.closed else await self._events.get()
-
-    def watch(self, request: Request) -> None:
-        """Close (and so cancel) this job when the client disconnects."""
-        async def until_gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            self.close()
-
-        self._watcher = asyncio.ensure_future(until_gone())
-
-    async def aclose(self) -> None:  # a response's background task: on the loop, not in a thread
-        self.close()
-
-    def close(self) -> None:
-        """Finish the job's bookkeeping (idempotent): cancel it if unfinished, free its place, count it."""
-        if self.closed:
-            return
-        self.closed = True
-        self._events.put_nowait(None)  # wakes a waiting next()
-        if self._watcher is not None and self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
-        self.server.in_flight -= 1
-        if self.handle is None:
-            return
-        completion = self.handle.completion
-        reason = completion.finish_reason
-        if not self.handle.done:
-            self.handle.cancel()
-            reason = "cancelled"
-        self.server.metrics.generation(self.model, completion.prompt_tokens, completion.completion_tokens,
-                                       reason or "cancelled", time.perf_counter() - self.started)
-
-
-def _failure(job: _Job) -> APIError:
-    error = job.handle.completion.error
+def _failure(job: Job) -> APIError:
+    error = next((h.completion.error for h in job.handles if h.completion.error is not None), None)
     if isinstance(error, AdapterNotFoundError):  # unloaded between submit and admission
         return APIError(404, str(error), param="model", code="model_not_found")
     return APIError(500, f"generation failed: {error}", type="server_error")
 
 
-def _finished_badly(job: _Job, event: TokenEvent | None) -> Response:
-    if event is None:  # nobody is listening; 499 is nginx's "client closed request"
+def _finished_badly(job: Job, listening: bool) -> Response:
+    if not listening:  # nobody is listening; 499 is nginx's "client closed request"
         return Response(status_code=499)
     error = _failure(job)
     return JSONResponse(error.body(), status_code=error.status)

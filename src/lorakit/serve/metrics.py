@@ -44,8 +44,9 @@ class Metrics:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def render(self, running: int, waiting: int, loaded: int, resident: int) -> str:
-        """The exposition text, with the engine's gauges as given."""
+    def render(self, running: int, waiting: int, loaded: int, resident: int,
+               prefix_cache: dict[str, int] | None = None) -> str:
+        """The exposition text, with the engine's gauges (and its prefix cache's counters) as given."""
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -75,6 +76,12 @@ class Metrics:
         family("lorakit_adapters_loaded", "gauge", "Adapters the server knows.", [("", loaded)])
         family("lorakit_adapters_resident", "gauge", "Adapters resident in the batched layers' slots.",
                [("", resident)])
+        if prefix_cache is not None:
+            family("lorakit_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                   [("", prefix_cache["queried_tokens"])])
+            family("lorakit_prefix_cache_hit_tokens_total", "counter",
+                   "Prompt tokens found in the prefix cache (not computed again).", [("", prefix_cache["hit_tokens"])])
+            family("lorakit_prefix_cache_bytes", "gauge", "Memory held by cached prefixes.", [("", prefix_cache["bytes"])])
         return "\n".join(lines) + "\n"
 
 

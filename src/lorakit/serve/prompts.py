@@ -19,11 +19,12 @@ from lorakit.errors import LorakitError
 
 def tokenize_prompt(tokenizer: Any, vocab: int, prompt: str | None = None, messages: list[dict] | None = None,
                     prompt_ids: list[int] | None = None, add_special_tokens: bool | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, allow_empty: bool = False) -> list[int]:
     """The token ids of exactly one of ``prompt``, ``messages`` or ``prompt_ids``.
 
     Args:
         add_special_tokens: default True for text, False for messages (their template has them).
+        allow_empty: no error for an empty result (``/tokenize`` of ``""``).
 
     Raises:
         LorakitError: none or several given, no chat template, ids outside the vocabulary, empty.
@@ -43,7 +44,7 @@ def tokenize_prompt(tokenizer: Any, vocab: int, prompt: str | None = None, messa
         if not all(0 <= t < vocab for t in ids):
             raise LorakitError(f"prompt token ids must lie in [0, {vocab}) for this model; got "
                                f"{[t for t in ids if not 0 <= t < vocab][:5]}")
-    if not ids:
+    if not ids and not allow_empty:
         raise LorakitError("the prompt is empty: it must hold at least one token")
     return list(ids)
 

@@ -2,9 +2,15 @@
 
 Requests are parsed strictly, as OpenAI's own API does: a body that is not JSON, a field of the
 wrong type (``"0.5"`` for a number), an unknown field (``max_token``) or a parameter lorakit does
-not implement (``n > 1``, ``logprobs``, ``echo``, penalties, ``tools``…) is an :class:`APIError`
-(400) that names the parameter, never silently ignored. vLLM's sampling extensions (``top_k``,
-``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``include_stop_str_in_output``) are accepted.
+not implement (``best_of``, penalties, ``tools``…) is an :class:`APIError` (400) that names the
+parameter, never silently ignored. vLLM's sampling extensions (``top_k``, ``min_tokens``,
+``stop_token_ids``, ``ignore_eos``, ``include_stop_str_in_output``) are accepted.
+
+Completions take a prompt as a string, a list of strings, a list of token ids or a list of such
+lists; each prompt gets ``n`` choices (``index = prompt · n + j``; choice ``j`` samples with
+``seed + j`` when a seed is given). ``logprobs: k`` returns each token's logprob and ``k``
+alternatives, ``echo: true`` prepends the prompt (and, with ``logprobs``, its tokens' logprobs,
+the first ``null``). Chat takes ``logprobs: true`` and ``top_logprobs: k``.
 
 Defaults follow OpenAI: ``max_tokens`` is 16 for completions and "up to the context" for chat;
 ``temperature`` 1. The response shapes (``text_completion``, ``chat.completion``,
@@ -19,8 +25,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lorakit.errors import LorakitError
+from lorakit.serve.logprobs import MAX_LOGPROBS, TokenStrings, chat_logprobs, completion_logprobs
 from lorakit.serve.requests import Completion
 from lorakit.serve.sampling import SamplingParams
+
+MAX_CHOICES = 128  # prompts × n in one request (OpenAI's largest n)
 
 
 class APIError(Exception):
@@ -38,15 +47,17 @@ class APIError(Exception):
 
 # -- requests --------------------------------------------------------------------------------------
 
-class _Strict(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: strictly typed, unknown fields refused."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class _Generation(_Strict):
+class _Generation(StrictBody):
     """The fields both endpoints share."""
 
     model: str
@@ -55,7 +66,7 @@ class _Generation(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)
     min_tokens: int = Field(0, ge=0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -81,9 +92,12 @@ class _Generation(_Strict):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
                 seed=self.seed, ignore_eos=self.ignore_eos,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output, **self._logprob_params())
         except LorakitError as err:  # cross-field checks (min_tokens > max_tokens, empty stop strings)
             raise APIError(400, str(err), param=str(err).split()[0]) from None
+
+    def _logprob_params(self) -> dict[str, int | None]:
+        return {}
 
     @property
     def include_usage(self) -> bool:
@@ -93,31 +107,36 @@ class _Generation(_Strict):
 class CompletionRequest(_Generation):
     """``POST /v1/completions``."""
 
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
 
-    def engine_prompt(self) -> dict[str, Any]:
-        """The keyword ``Engine.submit`` takes for this prompt."""
+    def engine_prompts(self) -> list[dict[str, Any]]:
+        """The keyword ``Engine.submit`` takes for each prompt, in order."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: a list of {len(prompt)} prompts; this server takes one prompt per "
-                               "request (send one request each)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            return {"prompt_ids": prompt}
-        return {"prompt": prompt}
+        if isinstance(prompt, str):
+            return [{"prompt": prompt}]
+        if not prompt:
+            raise APIError(400, "prompt: an empty list; give a string, token ids, or a list of either", param="prompt")
+        if isinstance(prompt[0], str):
+            return [{"prompt": p} for p in prompt]
+        if isinstance(prompt[0], list):
+            return [{"prompt_ids": p} for p in prompt]
+        return [{"prompt_ids": prompt}]
+
+    def _logprob_params(self) -> dict[str, int | None]:
+        echoed = self.logprobs if self.echo else None  # echo + logprobs: the prompt's logprobs too
+        return {"logprobs": self.logprobs, "prompt_logprobs": echoed}
 
 
-class TextPart(_Strict):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -135,23 +154,28 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def sampling(self, default_max_tokens: int | None) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, f"top_logprobs={self.top_logprobs} needs logprobs: true", param="top_logprobs")
         return super().sampling(self.max_completion_tokens or default_max_tokens)  # max_tokens, if given, wins
 
-    def engine_prompt(self) -> dict[str, Any]:
-        return {"messages": [m.plain() for m in self.messages]}
+    def _logprob_params(self) -> dict[str, int | None]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    def engine_prompts(self) -> list[dict[str, Any]]:
+        return [{"messages": [m.plain() for m in self.messages]}]
 
 
-class LoadAdapterRequest(_Strict):
+class LoadAdapterRequest(StrictBody):
     """``POST /v1/load_lora_adapter`` (vLLM's body)."""
 
     lora_name: str
     lora_path: str
 
 
-class UnloadAdapterRequest(_Strict):
+class UnloadAdapterRequest(StrictBody):
     """``POST /v1/unload_lora_adapter``."""
 
     lora_name: str
@@ -159,11 +183,7 @@ class UnloadAdapterRequest(_Strict):
 
 # Accepted for compatibility only at these values (OpenAI's defaults); anything else is refused by name.
 _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1, None), "only n=1 is supported; send n requests (with different seeds) instead"),
-    "best_of": ((1, None), "best_of is not supported"),
-    "logprobs": ((None, False), "logprobs are not supported by this server"),
-    "top_logprobs": ((None, 0), "logprobs are not supported by this server"),
-    "echo": ((False, None), "echo is not supported"),
+    "best_of": ((1, None), "best_of is not supported; use n"),
     "suffix": ((None,), "suffix (insertion) is not supported"),
     "presence_penalty": ((0, 0.0, None), "presence_penalty is not supported; leave it at 0"),
     "frequency_penalty": ((0, 0.0, None), "frequency_penalty is not supported; leave it at 0"),
@@ -176,13 +196,13 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 
 # What a field holds, for fields whose type is a union (pydantic's messages there name one branch).
 _EXPECTED = {
-    "prompt": "a string, a list of token ids, or a list holding one string",
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token id lists",
     "stop": "a string or a list of strings",
     "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
 }
 
 
-def parse_request(raw: bytes, kind: type[_Strict]) -> Any:
+def parse_request(raw: bytes, kind: type[StrictBody]) -> Any:
     """Parse and validate a request body as ``kind``.
 
     Raises:
@@ -226,44 +246,60 @@ def _short(value: Any) -> bool:
 
 # -- responses -------------------------------------------------------------------------------------
 
-def usage(completion: Completion) -> dict[str, int]:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(request_id: str, created: int, model: str, completion: Completion) -> dict[str, Any]:
-    choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(completion)}
+def completion_choice(index: int, completion: Completion, strings: TokenStrings, echo: str | None,
+                      with_logprobs: bool) -> dict[str, Any]:
+    """One ``text_completion`` choice; ``echo`` is the prompt's text when the request echoes it."""
+    logprobs = None
+    if with_logprobs:
+        tokens, entries = list(completion.token_ids), list(completion.logprobs or [])
+        if echo is not None:
+            tokens = completion.prompt_token_ids + tokens
+            entries = list(completion.prompt_logprobs or [None] * len(completion.prompt_token_ids)) + entries
+        logprobs = completion_logprobs(tokens, entries, strings)
+    return {"index": index, "text": (echo or "") + completion.text, "logprobs": logprobs,
+            "finish_reason": completion.finish_reason}
 
 
-def chat_body(request_id: str, created: int, model: str, completion: Completion) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
-              "logprobs": None, "finish_reason": completion.finish_reason}
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(completion)}
+def chat_choice(index: int, completion: Completion, strings: TokenStrings, with_logprobs: bool) -> dict[str, Any]:
+    """One ``chat.completion`` choice."""
+    logprobs = chat_logprobs(completion.logprobs or [], strings) if with_logprobs else None
+    return {"index": index, "message": {"role": "assistant", "content": completion.text},
+            "logprobs": logprobs, "finish_reason": completion.finish_reason}
+
+
+def body(chat: bool, request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+         counts: dict[str, int]) -> dict[str, Any]:
+    """A whole (non-streamed) answer."""
+    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": counts}
 
 
 def chunk(chat: bool, request_id: str, created: int, model: str, text: str | None,
-          finish_reason: str | None = None, role: bool = False, with_usage: bool = False) -> dict[str, Any]:
+          finish_reason: str | None = None, role: bool = False, with_usage: bool = False, index: int = 0,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One stream chunk; ``text=None`` with ``finish_reason`` is the closing chunk of a chat stream."""
     if chat:
         delta: dict[str, str] = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [choice]}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+    out = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+           "created": created, "model": model, "choices": [choice]}
     if with_usage:  # OpenAI: with include_usage every chunk carries "usage": null but the last
-        body["usage"] = None
-    return body
+        out["usage"] = None
+    return out
 
 
-def usage_chunk(chat: bool, request_id: str, created: int, model: str, completion: Completion) -> dict[str, Any]:
+def usage_chunk(chat: bool, request_id: str, created: int, model: str, counts: dict[str, int]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, "choices": [], "usage": usage(completion)}
+            "created": created, "model": model, "choices": [], "usage": counts}
 
 
 def sse(data: dict[str, Any] | str) -> str:
