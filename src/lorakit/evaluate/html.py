@@ -8,6 +8,7 @@ What it shows, top to bottom:
   the general-text loss when the forgetting check ran), one column per model, each value with
   its change from the first model (the base) and the best value of the row marked;
 - a chart as inline SVG: losses (lower is better) and generation metrics (higher is better);
+- with ``lorakit eval --tasks``: lm-evaluation-harness's scores, per task and metric and model;
 - per example: the prompt, the reference and each model's answer, the words where an answer
   departs from the reference highlighted (a word-level diff), and its metric scores; a checkbox
   shows only the examples on which the models disagree (CSS only).
@@ -58,9 +59,15 @@ def document(report: dict[str, Any], title: str = "lorakit evaluation report") -
 
 
 def fragment(report: dict[str, Any]) -> str:
-    """The report's body: summary, measures table, chart and examples (for a page that links report.css)."""
-    parts = ["<section class=\"lk-report\">", _summary(report), "<h2>Measures</h2>", measures_table(report),
-             "<h2>Chart</h2>", chart_svg(report)]
+    """The report's body: summary, measures table, chart, lm-eval scores and examples (for a page
+    that links report.css). A report of lm-eval tasks alone (no data file) has only their table."""
+    parts = ["<section class=\"lk-report\">"]
+    if report.get("data") is not None:
+        parts += [_summary(report), "<h2>Measures</h2>", measures_table(report), "<h2>Chart</h2>", chart_svg(report)]
+    if report.get("lm_eval"):
+        run = report["lm_eval"]
+        parts += [f"<h2>lm-evaluation-harness <span class=\"lk-count\">lm-eval {escape(str(run['lm_eval_version']))}"
+                  f", {escape(', '.join(run['tasks']))}</span></h2>", tasks_table(report)]
     if report["examples"]:
         parts += [f"<h2>Answers <span class=\"lk-count\">{len(report['examples'])} examples</span></h2>",
                   examples_table(report)]
@@ -155,6 +162,38 @@ def measures_table(report: dict[str, Any]) -> str:
         arrow = "↓" if lower_better else "↑"
         lines.append(f"<tr><th scope=\"row\">{escape(label)} <span class=\"lk-arrow\">{arrow}</span></th>"
                      f"{''.join(cells)}</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def tasks_table(report: dict[str, Any]) -> str:
+    """lm-eval's scores (``lorakit eval --tasks``): one row per task and metric, one column per model,
+    each value with its change from the base (``td`` cells carry ``data-task``, ``data-metric``,
+    ``data-model``, ``data-value``)."""
+    models = report["models"]
+    head = "".join(_model_head(m, i) for i, m in enumerate(models))
+    lines = ["<table class=\"lk-measures lk-tasks\">", f"<thead><tr><th>task</th><th>metric</th>{head}</tr></thead>",
+             "<tbody>"]
+    for task, metrics in report["lm_eval"]["results"].items():
+        for metric, entry in metrics.items():
+            higher = entry["higher_is_better"]
+            values = [entry["values"].get(m["name"]) for m in models]
+            cells = []
+            for i, (model, value) in enumerate(zip(models, values)):
+                change = ""
+                if i and value is not None and values[0] is not None:
+                    delta = value - values[0]
+                    tone = "lk-same" if delta == 0 or higher is None else (
+                        "lk-better" if (delta > 0) == higher else "lk-worse")
+                    change = f"<span class=\"lk-delta {tone}\">{delta:+.4f}</span>"
+                text = "–" if value is None else f"{value:.4f}"
+                data = "" if value is None else f" data-value=\"{value!r}\""
+                cells.append(f"<td class=\"lk-num\" data-task=\"{escape(task)}\" data-metric=\"{escape(metric)}\" "
+                             f"data-model=\"{escape(model['name'])}\"{data}><span class=\"lk-value\">{text}</span>"
+                             f"{change}</td>")
+            arrow = {True: "↑", False: "↓"}.get(higher, "")
+            lines.append(f"<tr><th scope=\"row\">{escape(task)}</th><th scope=\"row\">{escape(metric)} "
+                         f"<span class=\"lk-arrow\">{arrow}</span></th>{''.join(cells)}</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
 

@@ -3,11 +3,12 @@
 Files written by :func:`write_reports` (each written beside its target and renamed, so a folder
 never holds half a report):
 
-- ``report.md``: the base-vs-adapters table, the forgetting check, and sample answers;
+- ``report.md``: the base-vs-adapters table, the forgetting check, sample answers, and the
+  lm-evaluation-harness scores (``lorakit eval --tasks``);
 - ``report.json``: every number, per model;
 - ``examples.jsonl``: per example, the prompt, the reference, each model's answer and scores;
 - ``report.png``: losses (left) and generation metrics (right) as grouped bars (needs
-  matplotlib; skipped with a note if it is missing);
+  matplotlib; skipped with a note if it is missing; not written for lm-eval tasks alone);
 - ``report.html``: all of it in one self-contained page that opens offline — the measures, a
   chart and every example side by side with its differences marked (:mod:`lorakit.evaluate.html`).
 """
@@ -77,8 +78,44 @@ def _forget_cell(model: dict, base: dict) -> str:
     return f"{_num(model['general_loss'])} ({_signed(f['delta'])}, {f['relative']:+.1%})"
 
 
+def task_table(report: dict[str, Any]) -> str:
+    """The lm-eval scores as a Markdown table: one row per task and metric, base then each adapter (Δ)."""
+    names = [m["name"] for m in report["models"]]
+    header = ["task", "metric", *[n if i == 0 else f"{n} (Δ)" for i, n in enumerate(names)]]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(names)]
+    for task, metrics in report["lm_eval"]["results"].items():
+        for metric, entry in metrics.items():
+            arrow = {True: " ↑", False: " ↓"}.get(entry["higher_is_better"], "")
+            values = entry["values"]
+            base = values.get(names[0])
+            cells = []
+            for i, name in enumerate(names):
+                value = values.get(name)
+                if value is None:
+                    cells.append("–")
+                elif i == 0 or base is None:
+                    cells.append(_num(value, 4))
+                else:
+                    cells.append(f"{_num(value, 4)} ({_signed(value - base, 4)})")
+            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _task_section(report: dict[str, Any]) -> list[str]:
+    run = report["lm_eval"]
+    notes = [f"lm-eval {run['lm_eval_version']}"]
+    if run.get("limit"):
+        notes.append(f"first {run['limit']} documents per task")
+    if run.get("num_fewshot") is not None:
+        notes.append(f"{run['num_fewshot']}-shot")
+    return ["## lm-evaluation-harness", "", f"Tasks: {', '.join(run['tasks'])} ({'; '.join(notes)}; "
+            f"{run['seconds']} s).", "", task_table(report), ""]
+
+
 def markdown(report: dict[str, Any], samples: int = 3) -> str:
     """The whole Markdown report."""
+    if report.get("data") is None:  # lm-eval tasks only
+        return "\n".join(["# Evaluation report", "", *_task_section(report)])
     lines = ["# Evaluation report", "",
              f"Data: `{report['data']}` — {report['rows']} rows, {report['answer_tokens']:,} answer tokens"
              + (f", {report['examples_generated']} answers generated (greedy, at most "
@@ -98,6 +135,8 @@ def markdown(report: dict[str, Any], samples: int = 3) -> str:
                       f"- reference: {_quote(ex['reference'])}"]
             lines += [f"- {name}: {_quote(text)}" for name, text in ex["outputs"].items()]
             lines.append("")
+    if report.get("lm_eval"):
+        lines += _task_section(report)
     lines.append(f"_{report['seconds']} s; decoding: {report['settings']['decoding']}._")
     return "\n".join(lines) + "\n"
 
@@ -168,7 +207,7 @@ def write_reports(report: dict[str, Any], folder: str | Path) -> list[Path]:
     for name, text in texts.items():
         atomic_write_text(folder / name, text)
         written.append(folder / name)
-    if chart_path := _atomic_chart(report, folder / "report.png"):
+    if report.get("data") is not None and (chart_path := _atomic_chart(report, folder / "report.png")):
         written.append(chart_path)
     return written
 
