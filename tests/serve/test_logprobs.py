@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import ARCHITECTURES, make_tiny
 from serve.serve_helpers import WordTokenizer, peft_lora_and_dora, peft_reference
 
 from lorakit.errors import LorakitError
@@ -80,6 +80,28 @@ def test_the_output_head_and_embedding_adapters_count(served):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
+def test_prompt_logprob_requests_share_the_batch_and_do_not_stall_decoding(served):
+    """Six scoring requests (echo-style: prompt logprobs, one token) over three adapters arrive while a
+    generation runs: they are prefilled together in one step, and the generation gets its token at
+    every step all the same."""
+    engine, _ = served
+    running = engine.submit(prompt_ids=[3, 4, 5], params=SamplingParams(max_tokens=12, temperature=0))
+    engine.step()
+    scoring = [engine.submit(prompt_ids=PROMPTS[i % 3] + [i + 1], adapter=NAMES[i % 3],
+                             params=SamplingParams(max_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1))
+               for i in range(6)]
+    grew = []
+    for step in range(3):
+        before = len(running.completion.token_ids)
+        engine.step()
+        grew.append(len(running.completion.token_ids) - before)
+        if step == 0:
+            assert all(h.done for h in scoring)  # one prefill for all six, next to the decode
+    assert grew == [1, 1, 1]
+    assert all(len(h.result().prompt_logprobs) == len(h.result().prompt_token_ids) for h in scoring)
+    running.result()
+
+
 def test_logprob_parameters_are_checked():
     with pytest.raises(LorakitError, match=r"logprobs must be an integer in \[0, 20\]"):
         SamplingParams(logprobs=21)
@@ -88,7 +110,7 @@ def test_logprob_parameters_are_checked():
 
 
 def test_head_split_is_verified_per_model():
-    for arch in ("llama", "gpt2", "qwen2"):
+    for arch in ARCHITECTURES:  # llama, qwen2, gpt2, gemma, mistral
         assert OutputHead.split(make_tiny(arch)) is not None, arch
     from transformers import AutoModelForCausalLM, Gemma2Config
 
@@ -111,7 +133,8 @@ def test_prompt_logprobs_are_refused_where_the_split_is_not_exact():
     with pytest.raises(LorakitError, match="prompt logprobs .* not available for this model"):
         engine.submit(prompt_ids=[1, 2], params=SamplingParams(prompt_logprobs=1))
     # Everything else still works, the model running whole.
-    assert len(engine.submit(prompt_ids=[1, 2], params=SamplingParams(max_tokens=3, logprobs=1)).result().logprobs) == 3
+    params = SamplingParams(max_tokens=3, logprobs=1, temperature=0, ignore_eos=True)
+    assert len(engine.submit(prompt_ids=[1, 2], params=params).result().logprobs) == 3
 
 
 def test_openai_shapes():

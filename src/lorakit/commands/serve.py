@@ -14,6 +14,8 @@ Notable:
   for safetensors adapters under DIR only. Adapters given with ``--adapter`` may live anywhere.
 - ``--max-loaded N`` adapters are resident at once (more are swapped in, least recently used
   first); ``--max-batch`` requests run together and ``--max-queue`` more wait before 429.
+- ``--prefix-cache-mb N``: memory for the keys/values of prompt prefixes already computed, per
+  adapter (a multiple-choice question's context, a system prompt); 0 turns the cache off.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_BYTES
 
 API_KEY_ENV = "LORAKIT_API_KEY"
 
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"requests waiting beyond --max-batch before answering 429 (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-context", type=int, metavar="N",
                         help="context length per request (default: the model's)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_BYTES >> 20, metavar="N",
+                        help=f"memory for cached prompt prefixes, per server (default {DEFAULT_PREFIX_CACHE_BYTES >> 20}; "
+                             "0: off)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="B",
                         help="largest request body; 413 above it (default 4 MiB)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: by device)")
@@ -95,7 +100,8 @@ def build_app(args: argparse.Namespace):
     print(f"loading {args.base} and {len(adapters)} adapter(s) …", file=sys.stderr)
     engine = Engine.from_pretrained(args.base, adapters, dtype=args.dtype, device=args.device,
                                     max_batch=args.max_batch, max_resident=args.max_loaded,
-                                    max_rank=args.max_rank, max_context=args.max_context)
+                                    max_rank=args.max_rank, max_context=args.max_context,
+                                    prefix_cache_bytes=max(0, args.prefix_cache_mb) << 20)
     return create_app(engine, name, api_key=args.api_key, adapter_root=args.adapter_root, data_root=args.data_root,
                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
 

@@ -28,11 +28,15 @@ DEFAULT_MAX_QUEUE = 256
 """Requests the HTTP server lets wait beyond the engine's batch before answering 429."""
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body the HTTP server reads (413 above)."""
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+"""Memory for the engine's cached prompt prefixes (keys/values and last hidden states), 1 GiB."""
 
 _LAZY = {
     "Engine": "lorakit.serve.engine",
     "ContextLengthExceededError": "lorakit.serve.engine",
     "SamplingParams": "lorakit.serve.sampling",
+    "TokenLogprob": "lorakit.serve.logprobs",
+    "PrefixCache": "lorakit.serve.prefix_cache",
     "AdapterRegistry": "lorakit.serve.registry",
     "AdapterInfo": "lorakit.serve.registry",
     "AdapterNotFoundError": "lorakit.serve.registry",

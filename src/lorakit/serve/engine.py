@@ -48,6 +48,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorakit.errors import LorakitError
+from lorakit.serve import DEFAULT_PREFIX_CACHE_BYTES
 from lorakit.serve.head import OutputHead
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.logprobs import TokenLogprob, pick
@@ -62,7 +63,6 @@ from lorakit.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX_CACHE_BYTES = 1 << 30  # 1 GiB of cached keys/values per engine
 
 
 class ContextLengthExceededError(LorakitError):
