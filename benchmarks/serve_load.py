@@ -160,7 +160,7 @@ def malformed(n: int) -> tuple[dict, int]:
         ({"json": {"model": "a2", "prompt": [1] * 10_000, "max_tokens": 4}}, 400),
         ({"json": {"model": "base", "prompt": "x" * 70_000}}, 413),
         ({"json": {"model": "base", "prompt": "x"}, "headers": {"Authorization": "Bearer nope"}}, 401),
-        ({"json": {"model": "base", "prompt": "x", "n": 3}}, 400),
+        ({"json": {"model": "base", "prompt": "x", "best_of": 3}}, 400),
     ]
     return kinds[n % len(kinds)]
 

@@ -84,7 +84,7 @@ class PrefixCache:
             child = node.children.get(tokens[found.length])
             if child is None:
                 break
-            used = _common(child.tokens, tokens, found.length, limit)
+            used = common_length(child.tokens, tokens, found.length, limit)
             found.path.append((child, used))
             found.length += used
             node = child if used == len(child.tokens) else None
@@ -118,7 +118,7 @@ class PrefixCache:
             child = node.children.get(tokens[pos])
             if child is None:
                 break
-            used = _common(child.tokens, tokens, pos, len(tokens))
+            used = common_length(child.tokens, tokens, pos, len(tokens))
             if used < len(child.tokens):
                 child = self._split(child, used)
             node, pos = child, pos + used
@@ -178,9 +178,9 @@ class PrefixCache:
                 del self._roots[key]
 
 
-def _common(segment: list[int], tokens: list[int], start: int, stop: int) -> int:
-    """How many leading tokens of ``segment`` equal ``tokens[start:stop]``."""
-    n = min(len(segment), stop - start)
+def common_length(segment: list[int], tokens: list[int], start: int = 0, stop: int | None = None) -> int:
+    """How many leading tokens of ``segment`` equal those of ``tokens[start:stop]``."""
+    n = min(len(segment), (len(tokens) if stop is None else stop) - start)
     if segment[:n] == tokens[start:start + n]:
         return n
     i = 0

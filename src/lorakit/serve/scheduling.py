@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.serve.prefix_cache import Match, PrefixCache
+from lorakit.serve.prefix_cache import Match, PrefixCache, common_length
 from lorakit.serve.registry import AdapterNotFoundError, AdapterRegistry, AdapterSlotsBusyError
 from lorakit.serve.requests import Completion, RequestHandle
 from lorakit.serve.sampling import SamplingParams
@@ -116,14 +116,3 @@ class Admission:
         cached = self.cache.match(key, prompt, shared, count=False).length
         request.deferred = shared - cached >= SHARE_MIN_TOKENS
         return request.deferred
-
-
-def common_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    i = 0
-    while a[i] == b[i]:
-        i += 1
-    return i
