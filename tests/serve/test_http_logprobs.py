@@ -115,6 +115,13 @@ def test_several_prompts_and_n(served):
                                                               temperature=0).choices[0].text
     echoed = client.completions.create(model=BASE, prompt="w1 w2", max_tokens=2, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith("w1 w2") and echoed.choices[0].logprobs is None
+    chat = dict(model="lora", messages=[{"role": "user", "content": "w5"}], n=3, max_tokens=3, temperature=1.0, seed=9)
+    whole = client.chat.completions.create(**chat)
+    streamed = {}
+    for c in client.chat.completions.create(**chat, stream=True):
+        for choice in c.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert streamed == {c.index: c.message.content for c in whole.choices} and len(streamed) == 3
 
 
 def test_streams_carry_the_logprobs_of_the_whole_answer(served):
