@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+import lm_eval  # the test extra (lm-eval[api]==0.4.13): a missing install fails here, it is not skipped
 import pytest
 import torch
 from serve.serve_helpers import peft_lora_and_dora
@@ -31,7 +32,6 @@ TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
 NAMES = [None, "lora", "dora"]
 EXACT = ("acc,none", "acc_norm,none", "exact_match,none", "sample_len")  # counts of samples: equal, not close
 
-lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval test extra: pip install 'lm-eval[api]==0.4.13'")
 
 
 @contextlib.contextmanager

@@ -7,10 +7,13 @@
                         └── asyncio.Queue ◄── call_soon_threadsafe ── TokenEvent (on_event)
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
-as server-sent events ending in ``data: [DONE]``), ``POST /v1/load_lora_adapter``,
-``POST /v1/unload_lora_adapter`` (vLLM's bodies), ``GET /health``, ``GET /metrics``, and the page
-at ``GET /`` with its compare endpoints (:mod:`lorakit.serve.page`).
-A request's ``model`` names an adapter; the base model's name means no adapter.
+as server-sent events ending in ``data: [DONE]``; several prompts, ``n``, ``logprobs``, ``echo``),
+``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter`` (vLLM's bodies), vLLM's
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``
+(:mod:`lorakit.serve.tokenization`), ``GET /health``, ``GET /metrics``, and the page at ``GET /``
+with its compare endpoints (:mod:`lorakit.serve.page`). A request's ``model`` names an adapter;
+the base model's name means no adapter. Each choice of a request is one engine request;
+:mod:`lorakit.serve.jobs` bridges their events to the event loop and builds the answer.
 
 Notable:
 
@@ -208,7 +211,8 @@ class _Server:
                            "(max_batch + max_queue); retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
         echo = not chat and body.echo
-        echoes = [self._prompt_text(p) if echo else None for p in prompts for _ in range(body.n)]
+        texts = [self._prompt_text(p) if echo else None for p in prompts]
+        echoes = [text for text in texts for _ in range(body.n)]
         job = Job(self, body.model, chat, f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}", body.n, echoes,
                   params.logprobs is not None, self.strings)
         try:
