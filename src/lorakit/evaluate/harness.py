@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.inject import active_adapters, disabled, set_active
 
 BASE = "base"
 INSTALL = "pip install 'lorakit[lm-eval]'"
@@ -94,8 +95,6 @@ def run_tasks(model: Any, tokenizer: Any, adapters: list[str], tasks: list[str],
     """
     lm_eval = require()
     from lm_eval.models.huggingface import HFLM
-
-    from lorakit.inject import active_adapters, disabled, set_active
 
     manager = manager or task_manager(include_path)
     check_tasks(manager, tasks)
