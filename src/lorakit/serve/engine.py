@@ -186,13 +186,10 @@ class Engine:
         """
         with self._step_lock, torch.inference_mode():
             slot = self.registry.acquire(adapter)
-            context = self.registry.context
-            context.plan = LoraBatch.build([slot] * rows, self.registry.slot_ranks(), self.registry.max_resident,
-                                           self.device, self.strategy)
             try:
-                yield self.model
+                with self.registry.context.using(self._prefiller.plan([slot] * rows)):
+                    yield self.model
             finally:
-                context.plan = None
                 self.registry.release(slot)
 
     # -- requests ------------------------------------------------------------------------------

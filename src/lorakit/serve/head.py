@@ -8,7 +8,7 @@ the output head (``model.get_output_embeddings()``) itself: to each row's last p
 next token, and in chunks of positions for prompt logprobs.
 
 That is only right when the model's logits *are* its head applied to the backbone's last hidden
-state (plus a final logit soft-capping, which Gemma 2/3 apply and :meth:`OutputHead.logits`
+state (plus a final logit soft-capping, which Gemma 2 applies and :meth:`OutputHead.logits`
 applies too). :meth:`OutputHead.split` does not trust a list of architectures: it runs both ways
 on a few tokens and compares. A model that differs (another scaling of the logits, a head that
 does more) gets None, and the engine then runs ``model(...)`` as before and refuses prompt
