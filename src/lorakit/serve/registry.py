@@ -329,8 +329,7 @@ class AdapterRegistry:
 
     def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
                       source: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-        if isinstance(self.layers.get(module), BatchedLoraEmbedding):  # PEFT's embedding parts: A (r, vocab), B (dim, r)
-            parts = {_EMBEDDING_PARTS.get(part, part): tensor for part, tensor in parts.items()}
+        parts = {_EMBEDDING_PARTS.get(part, part): tensor for part, tensor in parts.items()}  # checked as linear
         for part in parts:
             if part not in ("lora_A", "lora_B", _MAGNITUDE):
                 raise LorakitError(f"{source}: tensor {part_file_key(module, part)} is not a LoRA weight (expected "
