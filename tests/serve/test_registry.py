@@ -144,6 +144,23 @@ def test_refusals(base, folders, tmp_path):
         reg.add("gone", tmp_path / "nothing")
 
 
+def test_refuses_embedding_parts_on_a_linear_layer(base, tmp_path):
+    """A file whose kind of LoRA (lora_embedding_A/B vs lora_A/B) does not fit the module is refused by name,
+    even where the shapes would fit (not served as the other kind)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_random_adapter(base, tmp_path / "swapped", r=2, targets=["embed_tokens"])
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    assert any("lora_embedding_A" in key for key in tensors)
+    reg = registry(base)
+    assert reg.add("ok", folder).modules == 1
+    save_file({key.replace("lora_embedding_A", "lora_A.weight").replace("lora_embedding_B", "lora_B.weight"): t
+               for key, t in tensors.items()}, path, metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match="holds a linear LoRA .* but is an embedding"):
+        reg.add("swapped", folder)
+
+
 def test_refuses_dora_bias_and_modules_to_save(base, tmp_path):
     reg = registry(base)
     dora = peft_dora_adapter(base, tmp_path / "dora")

@@ -329,6 +329,7 @@ class AdapterRegistry:
 
     def _check_module(self, module: str, parts: dict[str, torch.Tensor], config: LoraConfig,
                       source: Path) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        embedding_parts = any(part in _EMBEDDING_PARTS for part in parts)
         parts = {_EMBEDDING_PARTS.get(part, part): tensor for part, tensor in parts.items()}  # checked as linear
         for part in parts:
             if part not in ("lora_A", "lora_B", _MAGNITUDE):
@@ -350,6 +351,11 @@ class AdapterRegistry:
                 f"{source}: adapts module {module!r}, which this engine does not serve "
                 f"(it serves {len(self.layers)} modules chosen by target_modules); start the engine with "
                 "target_modules covering it, or check that the adapter belongs to this base model")
+        if embedding_parts != isinstance(layer, BatchedLoraEmbedding):
+            kind, other = ("an embedding", "a linear layer") if embedding_parts else ("a linear", "an embedding")
+            raise LorakitError(f"{source}: module {module} holds {kind} LoRA (PEFT's lora_embedding_A/B or "
+                               f"lora_A/B) but is {other} in this base model; the adapter was trained on a "
+                               "different base model")
         A, B = parts["lora_A"], parts["lora_B"]
         r = A.shape[0]
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or tuple(B.shape) != (layer.out_features, r):
