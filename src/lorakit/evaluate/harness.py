@@ -24,6 +24,7 @@ import difflib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
@@ -53,8 +54,6 @@ def task_manager(include_path: str | None = None) -> Any:
     from lm_eval.tasks import TaskManager
 
     if include_path is not None:
-        from pathlib import Path
-
         if not Path(include_path).is_dir():
             raise LorakitError(f"--include-path {include_path}: no such folder (it should hold lm-eval task YAMLs)")
     return TaskManager(verbosity="ERROR", include_path=include_path)
@@ -105,15 +104,11 @@ def run_tasks(model: Any, tokenizer: Any, adapters: list[str], tasks: list[str],
     active = active_adapters(model) if adapters else []
     try:
         for name in [BASE, *adapters]:
-            if name == BASE:
-                with disabled(model), _quiet():
-                    runs[name] = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                                         num_fewshot=num_fewshot)
-            else:
+            if name != BASE:
                 set_active(model, [name])
-                with _quiet():
-                    runs[name] = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                                         num_fewshot=num_fewshot)
+            with disabled(model) if name == BASE else contextlib.nullcontext(), _quiet():
+                runs[name] = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                                     num_fewshot=num_fewshot)
     finally:
         if adapters:
             set_active(model, active)
