@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/
     from lorakit.serve.asgi import BackgroundServer as BackgroundServer
     from lorakit.serve.engine import ContextLengthExceededError as ContextLengthExceededError, Engine as Engine
     from lorakit.serve.http import create_app as create_app
+    from lorakit.serve.logprobs import TokenLogprob as TokenLogprob
+    from lorakit.serve.prefix_cache import PrefixCache as PrefixCache
     from lorakit.serve.registry import (
         AdapterInfo as AdapterInfo, AdapterNotFoundError as AdapterNotFoundError, AdapterRegistry as AdapterRegistry,
         AdapterSlotsBusyError as AdapterSlotsBusyError,
