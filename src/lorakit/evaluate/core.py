@@ -141,8 +141,10 @@ def answer_loss(model: torch.nn.Module, rows: Any, pad_token_id: int, batch_size
         ``row_losses`` (each row's mean; None for a row without answer tokens).
     """
     from lorakit.data.collation import collate_padded
+    from lorakit.train.loss import causal_inputs, split_head
 
     device = next(model.parameters()).device
+    parts = split_head(model)  # a plain linear head: logits only where a label scores, a chunk at a time
     order = sorted(range(len(rows)), key=lambda i: -int(rows.lengths[i]))  # similar lengths together
     row_sums = [0.0] * len(rows)
     row_counts = [0] * len(rows)
@@ -151,13 +153,16 @@ def answer_loss(model: torch.nn.Module, rows: Any, pad_token_id: int, batch_size
             chunk = order[start:start + batch_size]
             batch = collate_padded([rows.row(i) for i in chunk], pad_token_id=pad_token_id)
             labels = batch.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits  # (B, T, V)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            if parts is not None:  # a causal decoder: right padding needs no mask (SDPA's causal kernel then)
+                out = parts[0](**causal_inputs(inputs), use_cache=False)[0][:, :-1]  # (B, T-1, d) hidden states
+            else:
+                out = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
             targets = labels[:, 1:].to(device)  # position t predicts token t+1
-            for j, i in enumerate(chunk):  # one row at a time: the fp32 copy of the logits stays (T, V)
-                loss = torch.nn.functional.cross_entropy(logits[j, :-1].float(), targets[j], ignore_index=IGNORE,
-                                                         reduction="sum")
-                row_sums[i] = float(loss)
-                row_counts[i] = int((targets[j] != IGNORE).sum())
+            for j, i in enumerate(chunk):  # one row at a time: its fp32 logits stay (answer tokens, V) at most
+                keep = targets[j] != IGNORE
+                row_sums[i] = _scored_loss(out[j][keep], targets[j][keep], parts)
+                row_counts[i] = int(keep.sum())
             if progress:
                 progress(len(chunk))
     tokens = sum(row_counts)
@@ -165,6 +170,19 @@ def answer_loss(model: torch.nn.Module, rows: Any, pad_token_id: int, batch_size
     return {"loss": mean, "perplexity": math.exp(mean) if tokens and mean < 700 else float("inf"),
             "tokens": tokens, "rows": len(rows),
             "row_losses": [s / c if c else None for s, c in zip(row_sums, row_counts)]}
+
+
+def _scored_loss(out: torch.Tensor, targets: torch.Tensor, parts: tuple | None) -> float:
+    """Summed cross-entropy of scored positions: ``out`` holds their logits, or (with ``parts``) their
+    hidden states, which go through the head in chunks (the logits of the model's dtype, upcast, as HF does)."""
+    if parts is None:
+        return float(torch.nn.functional.cross_entropy(out.float(), targets, reduction="sum"))
+    from lorakit.train.loss import default_chunk
+
+    head = parts[1]
+    step = default_chunk(head.weight.shape[0])
+    return sum(float(torch.nn.functional.cross_entropy(head(out[k:k + step]).float(), targets[k:k + step],
+                                                       reduction="sum")) for k in range(0, len(out), step))
 
 
 # -- generation ----------------------------------------------------------------------------------

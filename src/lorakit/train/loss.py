@@ -22,6 +22,9 @@ Notable:
   Autograd sums the rows' gradients through the repeat, so loss and gradients are those of the
   whole rows (tested at 1e-5); only the dropout on the prefix's adapter inputs is one draw for
   the micro-batch instead of one per row.
+- **No padding mask.** Right-padded rows run without their attention mask (:func:`causal_inputs`):
+  under causal attention no real token sees a later position, so the padding is invisible anyway,
+  and SDPA's causal kernel skips the upper triangle where a mask would make it compute all T² pairs.
 - **Offloading.** With ``offload=True`` the tensors autograd saves for backward (big ones, not
   weights) are copied to pinned CPU memory and brought back when backward needs them. With
   gradient checkpointing, those are only each layer's inputs.
@@ -72,6 +75,7 @@ class CausalLMLoss(nn.Module):
             backbone, head = parts
             labels = batch.pop("labels")
             prefix = shared_prefix(batch, labels) if self.share_prefix else 0
+            batch = causal_inputs(batch)
             if prefix:
                 hidden = _after_prefix(backbone, batch, prefix)  # (B, T - prefix, d)
                 labels = labels[:, prefix:]
@@ -135,10 +139,23 @@ def _after_prefix(backbone: nn.Module, batch: dict[str, torch.Tensor], prefix: i
     name = _cache_argument(type(backbone))
     backbone(input_ids=ids[:1, :prefix], use_cache=True, **{name: cache})
     cache.batch_repeat_interleave(ids.shape[0])  # (1, …) -> (B, …); its backward sums the rows
-    rest = {"input_ids": ids[:, prefix:], "attention_mask": batch["attention_mask"]}  # the mask spans both parts
+    rest = {"input_ids": ids[:, prefix:]}
+    if "attention_mask" in batch:
+        rest["attention_mask"] = batch["attention_mask"]  # the mask spans both parts
     if "position_ids" in batch:
         rest["position_ids"] = batch["position_ids"][:, prefix:]
     return backbone(**rest, use_cache=True, **{name: cache})[0]
+
+
+def causal_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without its padding mask when every row is right-padded (for the causal decoders of
+    the chunked path): no real token attends to a later position, so none sees the padding, and
+    padding positions are never scored; loss and gradients are the same. Without a mask SDPA runs
+    its causal kernel, which skips the pairs above the diagonal; a mask makes it compute all T²."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return batch  # no mask, a 4-D mask, or left padding: keep it
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def plain_head(config: object) -> bool:
