@@ -4,13 +4,14 @@ What it measures, on WordNet instruction data (``wordnet_data.py``) tokenised by
 pipeline with the SmolLM2 chat template:
 
 1. Padding share of each batch plan over the whole data set (``lorakit.data.padding_share``):
-   padded with length grouping (lorakit's alternative to packing), padded in random order
-   (what a plain data loader does), and packed. Packed batches hold no padding tokens; the
-   share of their fixed token budget left empty is reported beside it.
+   padded with length grouping (lorakit's default on the CPU), padded in random order (what a
+   plain data loader does), and packed (``batch_size`` rows of up to ``max_length`` tokens, each
+   holding whole examples; a batch pads its rows to the fullest one).
 2. Training throughput in non-pad tokens per second: forward + backward + AdamW step of a LoRA
    adapter (r=16, alpha=32, all linear layers) on the real SmolLM2-135M-Instruct, fp32 on CPU.
-   Both plans get the same token budget per step: a padded batch holds ``batch_size`` rows, a
-   packed batch up to ``batch_size * max_length`` tokens.
+   A padded batch holds ``batch_size`` rows; a packed batch ``batch_size`` packed rows, so it
+   holds more examples per step (SDPA computes attention over every pair of a packed row's
+   tokens: its cost per token grows with ``max_length``).
 
 Protocol (REFERENCE.md, "Measuring speed"): one process, one model, the variants interleaved
 round-robin (which goes first alternates per round), one untimed warm-up step each (the plan's
@@ -51,9 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (default smollm2-135m-instruct)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per padded batch (default 8)")
     parser.add_argument("--max-length", type=int, default=128,
-                        help="longest row in tokens; packed budget = batch size x this (default 128)")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="packed token budget per step (default batch size x max length: the padded budget)")
+                        help="longest row in tokens, and the length of a packed row (default 128)")
     parser.add_argument("--plans", default=",".join(PLANS),
                         help=f"plans to time, comma-separated; 'padded' is the reference (default {','.join(PLANS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest ratios)")
@@ -78,35 +77,33 @@ def build_data(rows: int, seed: int) -> Path:
     return path
 
 
-def plan_all(lengths, args: argparse.Namespace) -> tuple[dict[str, list[list[int]]], dict[str, dict]]:
+def plan_all(lengths, args: argparse.Namespace) -> tuple[dict[str, list], dict[str, dict]]:
     """Every plan of PLANS over the whole data set, and its padding statistics."""
     from lorakit.data import padding_share, plan_batches
 
-    budget = args.max_tokens or args.batch_size * args.max_length
     plans, stats = {}, {}
     for name, kwargs in PLANS.items():
-        plan = plan_batches(lengths, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                            max_tokens=args.max_tokens if kwargs["packing"] else None, **kwargs)
+        plan = plan_batches(lengths, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, **kwargs)
         plans[name] = plan
-        stats[name] = {"batches": len(plan),
-                       "padding_share": padding_share(plan, lengths, packing=kwargs["packing"])}
-        if kwargs["packing"]:
-            stats[name]["budget_unused_share"] = padding_share(plan, lengths, packing=True, max_tokens=budget)
+        stats[name] = {"batches": len(plan), "padding_share": padding_share(plan, lengths)}
     return plans, stats
 
 
 def train_step(model, optimizer, batch: dict) -> None:
     """Forward + backward + AdamW step. ``use_cache=False`` lets transformers see packed rows."""
-    loss = model(**batch, use_cache=False).loss
+    loss = model(**{k: v for k, v in batch.items() if k != "real_tokens"}, use_cache=False).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def non_pad_tokens(batch: dict) -> int:
-    """Real tokens in a batch: the attention mask's ones when padded, every token when packed."""
+    """Real tokens in a batch: the attention mask's ones when padded; when packed, the positions that are
+    not a row's padding tail (the tail is where the labels end: -100 from the last example's end)."""
     mask = batch.get("attention_mask")
-    return int(batch["input_ids"].numel() if mask is None or mask.dim() != 2 else mask.sum())
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["real_tokens"])
 
 
 def measure(model, optimizer, batches: dict[str, list[dict]], rounds: int) -> dict[str, list[tuple[int, int, float]]]:
@@ -165,7 +162,6 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
     from lorakit.data import DataConfig, pad_token_id, tokenize_file
-    from lorakit.data import collate
     from lorakit.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -183,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
 
     pad = pad_token_id(tokenizer)
     needed = args.steps + 1  # warm-up + timed
-    batches = {name: [collate(dataset, idx, packing=PLANS[name]["packing"], pad_token_id=pad)
-                      for idx in plans[name][:needed]] for name in args.plans}
+    batches = {name: [_collated(dataset, idx, PLANS[name]["packing"], pad) for idx in plans[name][:needed]]
+               for name in args.plans}
     model = load_model(args.model, dtype="fp32", device="cpu")
     lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.train()
@@ -209,9 +205,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collated(dataset, batch, packing: bool, pad: int) -> dict:
+    from lorakit.data import collate
+    from lorakit.data.batching import rows_of
+
+    out = collate(dataset, batch, packing=packing, pad_token_id=pad)
+    out["real_tokens"] = int(dataset.lengths[rows_of(batch)].sum())  # popped before the model sees the batch
+    return out
+
+
 def report_table(shares: dict, result: dict, args: argparse.Namespace) -> None:
     """The table: plan, padding share, median non-pad tokens/s, median per-round ratio to ``padded``."""
-    budget = args.max_tokens or args.batch_size * args.max_length
     print(f"\n{'plan':<14} {'batches':>7}  {'padding %':>9}  {'non-pad tok/s (median)':>22}  {'ratio to padded':>15}")
     for name in PLANS:
         timed = result.get(name)
@@ -224,8 +228,6 @@ def report_table(shares: dict, result: dict, args: argparse.Namespace) -> None:
     if "packed" in result:
         ratios = result["packed"]["ratio_to_padded_per_round"]
         print(f"packed/padded per round: {min(ratios):.3f} .. {max(ratios):.3f}")
-    print(f"packed bins leave {100 * shares['packed']['budget_unused_share']:.2f} % of their {budget}-token budget empty "
-          f"(packed batches carry no padding tokens: T = the rows' total length)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from conftest import make_tiny
 
 from lorakit import LoraConfig, add_adapter
 from lorakit.data.collation import collate_packed, collate_padded
-from lorakit.train.loss import CausalLMLoss, LinearCrossEntropy, default_chunk, offloaded, split_head
+from lorakit.train.loss import (CausalLMLoss, LinearCrossEntropy, causal_inputs, default_chunk, offloaded,
+                                 split_head)
 
 
 def _rows(seed: int = 0, vocab: int = 96) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -24,6 +25,11 @@ def _rows(seed: int = 0, vocab: int = 96) -> list[tuple[np.ndarray, np.ndarray]]
         labels[: length // 2] = -100
         rows.append((ids, labels))
     return rows
+
+
+def _in_two_rows(rows):
+    """Two packed rows (B, L = 2, …) of the examples: the first two, then the rest."""
+    return [rows[:2], rows[2:]]
 
 
 def _model(arch: str, seed: int = 0, dropout: float = 0.0):
@@ -52,7 +58,7 @@ def _assert_same(a, b, tol=1e-5):
 def test_chunked_loss_equals_model_loss(arch, packing):
     model = _model(arch)
     rows = _rows()
-    batch = collate_packed(rows) if packing else collate_padded(rows, pad_token_id=0)
+    batch = collate_packed(_in_two_rows(rows)) if packing else collate_padded(rows, pad_token_id=0)
     assert split_head(model) is not None
     plain = _loss_and_grads(lambda **b: model(**b, use_cache=False).loss, model, batch)
     chunked = _loss_and_grads(CausalLMLoss(model, chunk=5), model, batch)  # several chunks, a ragged last one
@@ -68,7 +74,7 @@ def test_packed_equals_padded_under_the_chunked_loss():
     # Packed batches drop each row's first label (it would be predicted from the previous row).
     for ids, labels in rows:
         labels[0] = -100
-    packed = _loss_and_grads(objective, model, collate_packed(rows))
+    packed = _loss_and_grads(objective, model, collate_packed(_in_two_rows(rows)))
     padded = _loss_and_grads(objective, model, collate_padded(rows, pad_token_id=0))
     _assert_same(packed, padded, tol=1e-5)
 
@@ -162,7 +168,7 @@ def test_chunked_loss_holds_no_vocab_sized_tensor_for_backward():
 @pytest.mark.parametrize("packing", [False, True])
 def test_gradient_checkpointing_with_adapters_gives_the_same_loss_and_grads(packing):
     rows = _rows(4)
-    batch = collate_packed(rows) if packing else collate_padded(rows, pad_token_id=0)
+    batch = collate_packed(_in_two_rows(rows)) if packing else collate_padded(rows, pad_token_id=0)
     results, saved = [], []
     for checkpointing in (False, True):
         model = _model("llama", dropout=0.1)
@@ -265,7 +271,7 @@ def test_shared_prefix_length_rules():
     assert shared_prefix({k: v[:1] for k, v in batch.items()}, batch["labels"][:1]) == 0  # one row
     short = collate_padded(_prompted_rows(prefix=MIN_PREFIX - 1), pad_token_id=0)
     assert shared_prefix(short, short["labels"]) == 0  # not worth a second pass
-    packed = collate_packed(rows)
+    packed = collate_packed(_in_two_rows(rows))
     assert shared_prefix(packed, packed["labels"]) == 0  # no padding mask: a packed batch
     extra = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
     assert shared_prefix(extra, batch["labels"]) == 0  # an input the prefix split does not know
@@ -286,3 +292,13 @@ def test_shared_prefix_under_dropout_trains_and_is_the_default_of_lorakit_train(
 
     with pytest.raises(LorakitError, match="train.share_prefix"):
         RunConfig.from_dict({"train": {"share_prefix": "yes"}})
+
+
+def test_right_padded_batches_run_without_their_padding_mask():
+    rows = _rows()
+    padded = collate_padded(rows, pad_token_id=0)
+    assert set(causal_inputs(padded)) == {"input_ids", "labels", "position_ids"}  # causal attention suffices
+    left = dict(padded, attention_mask=padded["attention_mask"].flip(1))  # left padding: the mask matters
+    assert "attention_mask" in causal_inputs(left)
+    packed = collate_packed(_in_two_rows(rows), block_mask=True)  # a 4-D mask is kept
+    assert causal_inputs(packed)["attention_mask"].dim() == 4

@@ -14,6 +14,7 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 FORMATS = ("auto", "text", "completion", "alpaca", "messages", "sharegpt", "tokens")
+PACKING = ("auto", True, False)
 BAD_ROW_POLICIES = ("error", "skip")
 LONG_ROW_POLICIES = ("truncate", "skip", "error")
 
@@ -32,8 +33,11 @@ class DataConfig:
     """``auto`` detects it from the first row's fields; or one of ``FORMATS``."""
     max_length: int = 512
     """Longest row in tokens; longer rows follow ``on_long_row``."""
-    packing: bool = True
-    """Padding-free packing of rows into ``batch_size * max_length``-token batches."""
+    packing: bool | str = "auto"
+    """``auto`` packs where the attention kernel skips across packed documents (flash-attention's
+    variable-length path) and pads length-grouped batches elsewhere (CPU, SDPA: attention over a
+    packed row costs every pair of its tokens); ``true`` always packs ``batch_size`` rows of up to
+    ``max_length`` tokens; ``false`` always pads. The run prints its choice."""
     train_on_inputs: bool = False
     """Also train on prompts, system and user turns (default: answers only)."""
     last_turn_only: bool = False
@@ -55,7 +59,9 @@ class DataConfig:
         _choice("format", self.format, FORMATS)
         _choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         _choice("on_long_row", self.on_long_row, LONG_ROW_POLICIES)
-        for name in ("packing", "train_on_inputs", "last_turn_only", "group_by_length", "cache"):
+        if self.packing not in PACKING or not isinstance(self.packing, (bool, str)):
+            raise LorakitError(f"data.packing: expected auto, true or false, got {self.packing!r}")
+        for name in ("train_on_inputs", "last_turn_only", "group_by_length", "cache"):
             if not isinstance(getattr(self, name), bool):
                 raise LorakitError(f"data.{name}: expected true or false, got {getattr(self, name)!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:

@@ -54,11 +54,21 @@ class TrainerState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
-    """Training time spent before this checkpoint (for tokens/s and ETA after a resume)."""
+    """Wall time of the run before this checkpoint (training, evaluation and checkpoints)."""
+    train_s: float = 0.0
+    """Time spent in training steps (for tokens/s and the ETA, also after a resume)."""
+    eval_s: float = 0.0
+    """Time spent evaluating (callbacks of the ``eval`` event included)."""
+    evals: int = 0
+    """Evaluations done."""
+    checkpoint_s: float = 0.0
+    """Time spent writing checkpoints."""
     global_batch: int = 0
     """Rows per optimizer step over all processes (0: not recorded); a resume keeps it by default."""
     world_size: int = 1
     """Processes that trained up to here (the data position does not depend on it)."""
+    packing: bool | None = None
+    """Whether the batches were packed (the resolved ``data.packing``; None: not recorded)."""
     config: dict[str, Any] = field(default_factory=dict)
 
 

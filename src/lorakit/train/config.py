@@ -152,6 +152,11 @@ class TrainConfig:
     """Rows per batch; with packing, the token budget is ``batch_size * data.max_length``."""
     grad_accum: int = 1
     """Micro-batches summed into one optimizer step (loss averaged over all their answer tokens), per process."""
+    micro_batch_tokens: int | str | None = "auto"
+    """Largest micro-batch in tensor tokens (rows × the longest row): a batch above it runs as several
+    micro-batches of its rows, widest first, whose gradients add up to the batch's (each weighted by its
+    answer tokens, as with ``grad_accum``). ``auto``: 1024 on the CPU, where larger micro-batches are no
+    faster and only hold more activations; no limit on GPUs. null: no limit."""
     global_batch: int | None = None
     """Rows per optimizer step over all processes (``batch_size × grad_accum × processes``); when set,
     ``grad_accum`` follows from it, so the same config trains the same steps on any number of processes."""
@@ -239,6 +244,10 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         for name in ("chunked_loss", "share_prefix", "offload_activations", "compile"):
             _bool(f"train.{name}", getattr(self, name))
+        tokens = self.micro_batch_tokens
+        if tokens != "auto" and tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)
+                                                        or tokens < 1):
+            raise LorakitError(f"train.micro_batch_tokens: expected auto, an integer >= 1 or null, got {tokens!r}")
         if self.loss_chunk is not None:
             _int("train.loss_chunk", self.loss_chunk, 1)
         _choice("train.distributed", self.distributed, DISTRIBUTED)

@@ -78,19 +78,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
-def plan_steps(lengths: Any, data: Any, batch_size: int, per_step: int, epoch: int) -> list[list[list[int]]]:
-    """One epoch's optimizer steps, each a list of up to ``per_step`` micro-batches of row indices.
+def plan_steps(lengths: Any, data: Any, batch_size: int, per_step: int, epoch: int,
+               packing: bool | None = None) -> list[list[Any]]:
+    """One epoch's optimizer steps, each a list of up to ``per_step`` micro-batches (see ``plan_batches``).
 
     Padded: global batches of ``batch_size × per_step`` rows cut into micro-batches of
     ``batch_size``, so which rows a step trains on depends on the global batch only, not on how it
-    is split into micro-batches × accumulation × processes. Packed: bins of ``batch_size ×
-    max_length`` tokens, ``per_step`` consecutive bins per step.
+    is split into micro-batches × accumulation × processes. Packed: micro-batches of
+    ``batch_size`` packed rows of up to ``max_length`` tokens, ``per_step`` consecutive ones per step.
+    ``packing`` is the run's resolved choice (default: ``data.packing`` when it is true or false).
     """
     from lorakit.data.batching import plan_batches
 
-    plan = functools.partial(plan_batches, lengths, packing=data.packing, max_length=data.max_length,
+    packing = data.packing is True if packing is None else packing
+    plan = functools.partial(plan_batches, lengths, packing=packing, max_length=data.max_length,
                              seed=data.seed, epoch=epoch, group_by_length=data.group_by_length)
-    if data.packing:
+    if packing:
         bins = plan(batch_size=batch_size)
         return [bins[i:i + per_step] for i in range(0, len(bins), per_step)]
     return [[rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -101,7 +104,9 @@ class Run:
     """One training run's live objects; :func:`train` drives it."""
 
     def __init__(self, config: RunConfig, model: torch.nn.Module, tokenizer: Any, splits: Any,
-                 device: torch.device, dtype: torch.dtype, dist: Dist | None = None, accum: int | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, dist: Dist | None = None, accum: int | None = None,
+                 batching: Any = None) -> None:
+        from lorakit.data.batching import Batching, micro_batch_tokens
         from lorakit.data.pipeline import pad_token_id
 
         self.config, self.cfg = config, config.train
@@ -110,6 +115,8 @@ class Run:
         self.pad = pad_token_id(tokenizer)
         self.output = Path(config.output)
         self.dist = dist or Dist()
+        self.batching = batching or Batching(config.data.packing is True)
+        """Packed or padded batches (``data.packing: auto`` resolved by ``choose_batching``)."""
         self.accum = accum or self.cfg.grad_accum
         """Micro-batches per process and step."""
         self.global_batch = self.cfg.batch_size * self.accum * self.dist.world
@@ -118,8 +125,10 @@ class Run:
             CausalLMLoss(model, chunked=self.cfg.chunked_loss, chunk=self.cfg.loss_chunk,
                          offload=self.cfg.offload_activations and device.type == "cuda",
                          share_prefix=(self.cfg.share_prefix and not self.cfg.gradient_checkpointing
-                                       and not self.dist.sharded)),
+                                       and not self.dist.sharded and not self.batching.packed)),
             model, device)
+        self.micro_tokens = micro_batch_tokens(self.cfg.micro_batch_tokens, device.type)
+        """Largest micro-batch in tensor tokens (None: a planned micro-batch runs whole)."""
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The fused AdamW kernel: one pass per tensor (on CPU 5× faster than the default per-op loop
         # over LoRA's hundreds of small tensors). FSDP's sharded parameters keep the default.
@@ -128,22 +137,23 @@ class Run:
                                            fused=fused or None)
         data = config.data
         per_step = self.accum * self.dist.world
-        self._plan = lambda epoch: plan_steps(splits.train.lengths, data, self.cfg.batch_size, per_step, epoch)
+        self._plan = lambda epoch: plan_steps(splits.train.lengths, data, self.cfg.batch_size, per_step, epoch,
+                                              packing=self.batching.packed)
         self.batches_per_epoch = sum(len(s) for s in self._plan(0))
         """Micro-batches in an epoch (the data position ``state.batch`` counts micro-batches)."""
         if self.batches_per_epoch == 0:
             raise LorakitError(f"{data.train}: no training rows")
         # Packed plans may differ by a bin from epoch to epoch: count each epoch's steps.
         self.total = self.cfg.max_steps or sum(len(self._plan(e)) for e in range(self.cfg.epochs))
-        self._cached: tuple[int, list[list[int]], list[int]] = (-1, [], [])
+        self._cached: tuple[int, list[Any], list[int]] = (-1, [], [])
         self.state = ckpt.TrainerState(config=config.to_dict(), global_batch=self.global_batch,
-                                       world_size=self.dist.world)
+                                       world_size=self.dist.world, packing=self.batching.packed)
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
 
     # -- one step -----------------------------------------------------------------------------
 
-    def next_batches(self) -> list[list[int]]:
+    def next_batches(self) -> list[Any]:
         """The row indices of the next step's micro-batches (of all processes); advances the data position."""
         if self._cached[0] != self.state.epoch:  # plans are pure functions of the epoch: compute once each
             steps = self._plan(self.state.epoch)
@@ -158,16 +168,17 @@ class Run:
             self.state.epoch, self.state.batch = self.state.epoch + 1, 0
         return chosen
 
-    def step(self, groups: list[list[int]]) -> tuple[float, float, int]:
+    def step(self, groups: list[Any]) -> tuple[float, float, int]:
         """Forward, backward and update on one step's micro-batches -> (loss, grad norm, tokens)."""
+        from lorakit.data.batching import rows_of, split_batch
         from lorakit.data.collation import collate, num_label_tokens
 
-        batches = [collate(self.splits.train, g, packing=self.config.data.packing, pad_token_id=self.pad)
-                   for g in groups]
+        packed, flat, lengths = self.batching.packed, self.batching.flat, self.splits.train.lengths
+        pieces = [p for g in groups for p in split_batch(g, lengths, self.micro_tokens)]
+        batches = [collate(self.splits.train, p, packing=packed, flat=flat, pad_token_id=self.pad) for p in pieces]
         counts = [num_label_tokens(b) for b in batches]
         targets = sum(counts)  # answer tokens of the whole step, over all processes
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches)
+        tokens = sum(int(lengths[rows_of(g)].sum()) for g in groups)  # non-pad tokens
         loss_sum = torch.zeros((), device=self.device)
         for batch, n, last in self._share(batches, counts):
             batch = {k: v.to(self.device) for k, v in batch.items()}

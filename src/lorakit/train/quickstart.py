@@ -29,8 +29,7 @@ FIELDS = {"word", "pos", "definition"}
 
 QUICKSTART: dict[str, Any] = {
     "model": "smollm2-135m-instruct",
-    # Rows are short (~60 tokens): padded, length-grouped batches are faster on CPU than packing.
-    "data": {"train": str(TRAIN_FILE), "eval": str(EVAL_FILE), "max_length": 128, "packing": False},
+    "data": {"train": str(TRAIN_FILE), "eval": str(EVAL_FILE), "max_length": 128},
     "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"},
     "train": {"epochs": 1, "batch_size": 8, "lr": 2.0e-3, "warmup_steps": 5, "schedule": "cosine",
               "eval_every": 10, "save_every": 10, "log_every": 1},

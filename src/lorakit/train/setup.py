@@ -88,6 +88,8 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
     # FSDP shards the base from the CPU onto each device: no device ever holds the whole base.
     sharded = dist.sharded
     model = load_model(config.model, dtype=dtype, device=torch.device("cpu") if sharded else device)
+    if config.data.packing is not False:
+        _varlen_attention(model, device, dtype, say)
     if config.adapter.quantized:
         from lorakit.adapters.quant import quantize_model
 
@@ -125,13 +127,15 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
                                dist.world, keep)
     if note:
         say(note)
-    run = Run(config, model, tokenizer, splits, device, dtype, dist=dist, accum=accum)
+    batching = _batching(config, model, device, resume_from)
+    run = Run(config, model, tokenizer, splits, device, dtype, dist=dist, accum=accum, batching=batching)
     if resume_from is not None:
         state, rng = ckpt.load_checkpoint(resume_from, run.optimizer)
         if state.global_batch and state.global_batch != run.global_batch:
             say(f"resume: the checkpoint was trained with a global batch of {state.global_batch} rows, this run "
                 f"uses {run.global_batch}: the batches from here on differ from an uninterrupted run")
         state.config, state.global_batch, state.world_size = config.to_dict(), run.global_batch, dist.world
+        state.packing = run.batching.packed
         run.state = state
         ckpt.set_rng_state(rng)
         if state.step >= run.total:
@@ -143,7 +147,43 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
     say(f"{config.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
         f"{len(splits.train):,} train rows, {eval_rows:,} eval rows; {run.total} steps on {device} ({dtype})")
     say(global_batch_note(config.train.batch_size, run.accum, dist.world, dist.strategy))
+    say(batching.describe(config.train.batch_size, config.data.max_length, config.data.group_by_length))
     return run, resume_from
+
+
+def _varlen_attention(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, say) -> None:
+    """On CUDA in bf16/fp16 with flash-attention installed, attention runs through its kernel, whose
+    variable-length path skips across packed examples (so ``data.packing: auto`` packs)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    try:
+        model.set_attn_implementation("flash_attention_2")
+    except (ValueError, ImportError) as err:  # the architecture does not support it
+        say(f"attention: flash-attention is installed, but {type(model).__name__} cannot use it ({err}); sdpa it is")
+
+
+def _batching(config: RunConfig, model: torch.nn.Module, device: torch.device, resume_from: Path | None):
+    """``data.packing`` resolved for this model and device; a resumed ``auto`` run keeps its checkpoint's
+    choice (the batch plan, so the data position, depends on it)."""
+    import dataclasses
+    import json
+
+    from lorakit.data.batching import choose_batching
+
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    batching = choose_batching(config.data.packing, attention, device.type)
+    if resume_from is None or config.data.packing != "auto":
+        return batching
+    kept = json.loads((resume_from / ckpt.STATE_FILE).read_text()).get("packing")
+    if kept is None or kept == batching.packed:
+        return batching
+    chosen = choose_batching(bool(kept), attention, device.type)
+    return dataclasses.replace(chosen, reason=f"data.packing: auto, {'packed' if kept else 'padded'} as when this "
+                                              "run started: the checkpoint's batch plan")
 
 
 def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
