@@ -76,7 +76,8 @@ def test_dora_and_qlora_runs_learn_and_load_in_peft(tmp_path, model_dir, method)
     assert config["use_dora"] is (method == "dora")
     if method == "dora":  # the DoRA file gives PEFT the same model
         theirs = peft_load(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), result.adapter)
-        torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
+        # Logits reach ~9 after these lr 5e-2 steps: 5e-5 is fp32 rounding of two implementations.
+        torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=1e-5, atol=5e-5)
 
 
 def test_resume_mid_epoch_is_bit_identical(tmp_path, model_dir):
@@ -172,9 +173,10 @@ def test_resume_refuses_a_different_adapter(tmp_path, model_dir):
 
 
 def test_gradient_checkpointing_gives_the_same_steps(tmp_path, model_dir):
-    plain = train(config(tmp_path / "a", model_dir, max_steps=2, save_every=None), quiet=True)
-    recomputed = train(config(tmp_path / "b", model_dir, max_steps=2, save_every=None, gradient_checkpointing=True),
-                       quiet=True)
+    # share_prefix off in both: with checkpointing it is off, and with dropout it draws other masks.
+    plain = train(config(tmp_path / "a", model_dir, max_steps=2, save_every=None, share_prefix=False), quiet=True)
+    recomputed = train(config(tmp_path / "b", model_dir, max_steps=2, save_every=None, share_prefix=False,
+                              gradient_checkpointing=True), quiet=True)
     assert [r["loss"] for r in read_jsonl(plain.output / "metrics.jsonl") if "loss" in r] == pytest.approx(
         [r["loss"] for r in read_jsonl(recomputed.output / "metrics.jsonl") if "loss" in r], rel=1e-5)
     a, b = adapter_tensors(plain.adapter), adapter_tensors(recomputed.adapter)
@@ -198,3 +200,43 @@ def test_plots_are_written_when_matplotlib_is_installed(tmp_path, model_dir):
     for name in ("loss.png", "lr.png"):
         data = (result.output / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_training_tokens_per_s_excludes_evaluation_time(tmp_path, model_dir):
+    # The same run twice, once with an evaluation callback that sleeps 1.5 s at each of its 3
+    # evaluations: the training rate stays the same; counted in, the sleep would cut it by >10x.
+    import time
+
+    def slow_eval(event, run):
+        if event == "eval":
+            time.sleep(1.5)
+
+    settings = dict(max_steps=6, eval_every=2, save_every=None)
+    fast = train(config(tmp_path / "fast", model_dir, **settings), quiet=True)
+    slow = train(config(tmp_path / "slow", model_dir, **settings), callbacks=[slow_eval], quiet=True)
+    rate = {}
+    for name, result in (("fast", fast), ("slow", slow)):
+        rows = read_jsonl(result.output / "metrics.jsonl")
+        last = [r for r in rows if "loss" in r][-1]
+        evals = [r for r in rows if "eval_loss" in r]
+        assert len(evals) == 3
+        assert last["tokens_per_s"] == pytest.approx(last["tokens"] / last["train_s"], rel=1e-3)
+        rate[name] = last["tokens_per_s"]
+        if name == "slow":
+            assert all(r["eval_s"] >= 1.5 for r in evals)  # the evaluation's own time, reported apart
+            assert last["elapsed_s"] - last["train_s"] >= 3.0  # two evaluations before step 6's row
+    assert 1 / 3 < rate["slow"] / rate["fast"] < 3
+
+
+def test_the_run_prints_its_batching_choice(tmp_path, model_dir, capsys):
+    train(config(tmp_path / "auto", model_dir, max_steps=1, save_every=None))
+    out = capsys.readouterr().out
+    assert ("batching: padded, length-grouped (data.packing: auto; sdpa attention on cpu would compute every pair "
+            "of a packed row's tokens; rows of similar length padded cost less)") in out.splitlines()
+    packed = tiny_config(tmp_path / "packed", model_dir, max_steps=1, save_every=None)
+    packed["data"]["packing"] = True
+    train(RunConfig.from_dict(packed))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batching:")]
+    assert lines == ["batching: packed, 2 rows of up to 96 tokens per batch, each example with its own positions and "
+                     "a block-causal mask (data.packing: true; sdpa attention computes every pair of a packed row's "
+                     "tokens on cpu)"]

@@ -41,7 +41,7 @@ from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, TrainConfig, save_config
 from lorakit.train.distributed import Dist, is_comm_failure
 from lorakit.train.loss import CausalLMLoss
-from lorakit.train.progress import MetricsLog, Progress, Reporters, write_plots
+from lorakit.train.progress import MetricsLog, Progress, Reporters, eta_seconds, time_summary, timed, write_plots
 
 Callback = Callable[[str, "Run"], None]
 """Called as ``callback(event, run)`` with event ``step_start``, ``step_end`` or ``eval``."""
@@ -320,7 +320,8 @@ def _drive(run: Run, resume_from: Path | None, callbacks: list[Callback] | None,
                 try:
                     for cb in callbacks or []:
                         cb("step_start", run)
-                    train_loss, norm, tokens = run.step(run.next_batches())
+                    with timed(run.state, "train_s"):  # tokens/s and the ETA count training time only
+                        train_loss, norm, tokens = run.step(run.next_batches())
                 except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback
                     run.state.epoch, run.state.batch = position
                     run.optimizer.zero_grad(set_to_none=True)
@@ -338,7 +339,7 @@ def _drive(run: Run, resume_from: Path | None, callbacks: list[Callback] | None,
                     cb("step_end", run)
                 step, done = run.state.step, run.state.step == run.total
                 improved = False
-                if (run.cfg.eval_every and step % run.cfg.eval_every == 0) or done:
+                if _evaluates_at(run, step):
                     eval_loss = _evaluate(run, out, callbacks)
                     improved = eval_loss is not None and run.state.best_step == step
                     if _patience_exhausted(run):
@@ -348,7 +349,9 @@ def _drive(run: Run, resume_from: Path | None, callbacks: list[Callback] | None,
                 if run.dist.any(run.stop_requested, run.device):  # a Ctrl-C seen by any process stops all
                     stopped = "interrupted"
                 if done or improved or stopped != "completed" or (run.cfg.save_every and step % run.cfg.save_every == 0):
-                    run.save()
+                    with timed(run.state, "checkpoint_s"):
+                        run.save()
+        out.progress.message(time_summary(run.state))
     finally:
         out.close()
     adapter = None
@@ -392,31 +395,46 @@ class _NoMetrics:
         pass
 
 
+def _evaluates_at(run: Run, step: int) -> bool:
+    return bool((run.cfg.eval_every and step % run.cfg.eval_every == 0) or step == run.total)
+
+
+def _eta(run: Run) -> float:
+    state = run.state
+    evals_left = (sum(_evaluates_at(run, s) for s in range(state.step + 1, run.total + 1))
+                  if run.splits.eval is not None else 0)
+    return eta_seconds(state.step, run.total, state.train_s, evals_left, state.eval_s, state.evals)
+
+
 def _record_step(run: Run, loss: float, norm: float, out: _Sinks) -> None:
     state = run.state
     lr = lr_at(state.step - 1, run.total, run.cfg)
-    tokens_per_s = state.tokens / max(state.elapsed_s, 1e-9)
+    tokens_per_s = state.tokens / max(state.train_s, 1e-9)  # over training time: no eval, no checkpoints
     if state.step % run.cfg.log_every == 0 or state.step == run.total:
         out.log({"step": state.step, "epoch": round(state.epoch + state.batch / run.batches_per_epoch, 4),
                  "loss": loss, "lr": lr, "grad_norm": norm, "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                 "elapsed_s": round(state.elapsed_s, 3)}, state.step)
-    out.progress.update(state.step, loss, lr, tokens_per_s)
+                 "train_s": round(state.train_s, 3), "elapsed_s": round(state.elapsed_s, 3)}, state.step)
+    out.progress.update(state.step, loss, lr, tokens_per_s, _eta(run))
 
 
 def _evaluate(run: Run, out: _Sinks, callbacks: list[Callback] | None) -> float | None:
+    state = run.state
+    start = time.perf_counter()
     value = run.evaluate()
     if value is None:
         return None
-    out.log({"step": run.state.step, "eval_loss": value}, run.state.step)
-    state = run.state
     if state.best_eval_loss is None or value < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = value, state.step, 0
     else:
         state.evals_without_improvement += 1
-    out.progress.message(f"step {state.step}: eval loss {value:.4f} "
-                         f"(best {state.best_eval_loss:.4f} at step {state.best_step})")
     for cb in callbacks or []:
         cb("eval", run)
+    seconds = time.perf_counter() - start  # the evaluation's time, its callbacks included: not training time
+    state.eval_s += seconds
+    state.evals += 1
+    out.log({"step": state.step, "eval_loss": value, "eval_s": round(seconds, 3)}, state.step)
+    out.progress.message(f"step {state.step}: eval loss {value:.4f} "
+                         f"(best {state.best_eval_loss:.4f} at step {state.best_step}) in {seconds:.1f} s")
     return value
 
 

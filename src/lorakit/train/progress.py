@@ -3,7 +3,9 @@
 - On a terminal, a tqdm bar with step, loss, learning rate, tokens/s and ETA; otherwise (a log
   file, CI) one plain line every ``log_every`` steps with the same fields.
 - ``metrics.jsonl``: one JSON object per logged step (``step, epoch, loss, lr, grad_norm, tokens,
-  tokens_per_s, elapsed_s``) and per evaluation (``step, eval_loss``). On resume, rows after the
+  tokens_per_s, train_s, elapsed_s``: the rate is over ``train_s``, the time spent in training steps;
+  ``elapsed_s`` is the wall time with evaluations and checkpoints) and per evaluation
+  (``step, eval_loss, eval_s``). On resume, rows after the
   checkpoint's step are dropped first, so the file reads as one uninterrupted run.
 - ``report_to``: TensorBoard, Weights & Biases, trackio, each imported only when asked for.
 - Plots (``loss.png``, ``lr.png``) drawn from ``metrics.jsonl`` at the end with matplotlib.
@@ -15,6 +17,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +55,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A live bar on a terminal, plain lines elsewhere, silent when ``quiet``."""
+    """A live bar on a terminal, plain lines elsewhere, silent when ``quiet``.
+
+    The tokens/s and the ETA it shows come from the training loop: the rate over training time only
+    (evaluation and checkpoints excluded, so it does not drop after each evaluation), and the time
+    left at that rate plus the remaining evaluations at their mean time.
+    """
 
     def __init__(self, total: int, start: int, log_every: int, quiet: bool = False) -> None:
         self.total, self.start, self.log_every, self.quiet = total, start, log_every, quiet
-        self.began = time.perf_counter()
         self.bar = None
         if not quiet and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            # tqdm's own remaining-time estimate would count evaluations as training: ours is in the postfix.
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta: float = math.nan) -> None:
         if self.quiet:
             return
+        fields = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  eta {format_seconds(eta)}"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(fields, refresh=False)
         elif step % self.log_every == 0 or step == self.total:
-            done = step - self.start
-            eta = (time.perf_counter() - self.began) / done * (self.total - step) if done else math.nan
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-                  f"eta {format_seconds(eta)}", flush=True)
+            print(f"step {step}/{self.total}  {fields}", flush=True)
 
     def message(self, text: str) -> None:
         if self.quiet:
@@ -86,6 +93,40 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@contextmanager
+def timed(record: Any, field: str):
+    """Add the block's wall time to ``record.<field>`` (a run's training, evaluation or checkpoint time)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(record, field, getattr(record, field) + time.perf_counter() - start)
+
+
+def eta_seconds(step: int, total: int, train_s: float, evals_left: int = 0, eval_s: float = 0.0,
+                evals: int = 0) -> float:
+    """Time left: the remaining steps at the training rate so far, plus the remaining evaluations at
+    their mean time so far (none counted before the first); NaN before the first step."""
+    if step == 0:
+        return math.nan
+    left = (total - step) * train_s / step
+    if evals:
+        left += evals_left * eval_s / evals
+    return left
+
+
+def time_summary(state: Any) -> str:
+    """The line a run ends with: training time and rate, then evaluation and checkpoint time apart."""
+    rate = state.tokens / state.train_s if state.train_s > 0 else 0.0
+    line = (f"training: {state.step} steps, {state.tokens:,} tokens in {format_seconds(state.train_s)} "
+            f"({rate:,.0f} tokens/s)")
+    if state.evals:
+        line += f"; evaluation: {format_seconds(state.eval_s)} ({state.evals}×)"
+    if state.checkpoint_s:
+        line += f"; checkpoints: {format_seconds(state.checkpoint_s)}"
+    return line
 
 
 def format_seconds(seconds: float) -> str:
