@@ -49,7 +49,10 @@ def tiny_config(tmp: Path, model_dir: str, **train) -> dict:
     data = {"train": write_data(tmp), "eval": write_data(tmp, 16, offset=100, name="eval.jsonl"),
             "max_length": 96, "cache": False}
     settings = {"batch_size": 2, "lr": 5e-3, "warmup_steps": 2, "max_steps": 6, "save_every": 2,
-                "keep_checkpoints": 10, "plots": False, "device": "cpu"}
+                "keep_checkpoints": 10, "plots": False, "device": "cpu",
+                # fp32 whatever the CPU: auto picks bf16 where the CPU multiplies it natively, and these tests
+                # compare numbers at 1e-5 (the bf16 default has tests of its own).
+                "dtype": "fp32"}
     settings.update(train)
     return {"model": model_dir, "data": data, "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
             "train": settings, "output": str(tmp / "run")}

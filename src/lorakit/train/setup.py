@@ -31,12 +31,26 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on a GPU that supports it, else fp32."""
+    """``auto`` -> bf16 on a GPU that supports it and on a CPU that multiplies bf16 natively
+    (:func:`cpu_bf16`), else fp32."""
     from lorakit.models import default_dtype
 
     if setting == "auto":
-        return default_dtype(device)
+        return torch.bfloat16 if device.type == "cpu" and cpu_bf16() else default_dtype(device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
+
+
+def cpu_bf16() -> str | None:
+    """The CPU feature that makes bf16 matmuls fast here (``AVX512-BF16`` or ``AMX``), or None.
+
+    With it, oneDNN multiplies bf16 natively (4× the fp32 rate measured on an AVX512-BF16 EPYC);
+    without it bf16 is emulated and slower than fp32, so training stays fp32.
+    """
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
 
 
 def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]:
@@ -74,6 +88,9 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         raise LorakitError(f"{output} already holds checkpoints of a run; continue it with resume=auto "
                            f"(--resume auto), or choose another output folder")
     dtype = resolve_dtype(config.train.dtype, device)
+    if config.train.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        say(f"train.dtype: auto: bf16 on this CPU ({cpu_bf16()}: native bf16 matmuls); the adapter and AdamW "
+            "state stay fp32 (train.dtype=fp32 for full precision)")
     if dist.is_main:
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / "config.yaml")
