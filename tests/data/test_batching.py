@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorakit.data.batching import choose_batching, padding_share, plan_batches, rows_of
+from lorakit.data.batching import (choose_batching, micro_batch_tokens, padding_share, plan_batches, rows_of,
+                                   split_batch)
 from lorakit.errors import LorakitError
 
 LENGTHS = np.random.default_rng(0).integers(5, 129, 500)  # a wide mix of row lengths, max 128
@@ -81,3 +82,22 @@ def test_the_batching_line_says_what_and_why():
     assert line.startswith("batching: packed, 8 rows of up to 256 tokens per batch, each example with its own "
                            "positions and a block-causal mask (data.packing: true;")
     assert "padded, in random order" in choose_batching(False, "sdpa", "cpu").describe(8, 256, group_by_length=False)
+
+
+def test_split_batch_into_micro_batches_of_at_most_max_tokens():
+    lengths = np.array([250, 240, 100, 90, 80, 70, 60, 50])
+    padded = list(range(8))
+    pieces = split_batch(padded, lengths, 1024)
+    assert pieces == [[0, 1, 2, 3], [4, 5, 6, 7]]  # widest first: 4 × 250 and 4 × 80 tensor tokens
+    assert all(len(p) * max(lengths[p]) <= 1024 for p in pieces)
+    assert split_batch(padded, lengths, None) == [padded]  # no limit: the batch as it is
+    assert split_batch([7, 0], lengths, 100) == [[0], [7]]  # a row wider than the limit still runs, alone
+    packed = [[0], [1, 2], [3, 4, 5]]  # packed rows of 250, 340 and 240 tokens
+    assert split_batch(packed, lengths, 700) == [[[1, 2], [0]], [[3, 4, 5]]]
+    assert sorted(rows_of_plan(split_batch(packed, lengths, 700))) == list(range(6))  # every row once
+
+
+def test_micro_batches_are_limited_on_the_cpu_only_by_default():
+    assert micro_batch_tokens("auto", "cpu") == 1024
+    assert micro_batch_tokens("auto", "cuda") is None
+    assert micro_batch_tokens(512, "cuda") == 512 and micro_batch_tokens(None, "cpu") is None

@@ -67,3 +67,18 @@ def test_a_resumed_auto_run_keeps_the_batching_it_started_with(tmp_path, model_d
     assert lines == ["batching: packed, 2 rows of up to 96 tokens per batch, each example with its own positions and "
                      "a block-causal mask (data.packing: auto, packed as when this run started: the checkpoint's "
                      "batch plan)"]
+
+
+def test_micro_batches_give_the_batch_gradient(tmp_path, model_dir):
+    # Batches of 2 rows (~60–90 tokens each) run whole, or as micro-batches of one row (a limit of 64
+    # tensor tokens): the same loss and gradient norm, step after step.
+    rows = {}
+    for name, limit in (("whole", None), ("micro", 64)):
+        values = tiny_config(tmp_path / name, model_dir, max_steps=3, save_every=None, micro_batch_tokens=limit,
+                             share_prefix=False)
+        values["adapter"]["dropout"] = 0.0  # the same numbers however the rows are grouped
+        result = train(RunConfig.from_dict(values), quiet=True)
+        rows[name] = [(r["loss"], r["grad_norm"]) for r in read_jsonl(result.output / "metrics.jsonl") if "loss" in r]
+    assert len(rows["whole"]) == 3
+    for (loss, norm), (micro_loss, micro_norm) in zip(rows["whole"], rows["micro"]):
+        assert micro_loss == pytest.approx(loss, rel=1e-5) and micro_norm == pytest.approx(norm, rel=1e-4)
