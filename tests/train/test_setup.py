@@ -27,6 +27,7 @@ def test_auto_dtype_on_the_cpu_is_bf16_where_it_is_native(monkeypatch, avx512_bf
     _cpu(monkeypatch, avx512_bf16, amx)
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # asked for: kept
+    assert resolve_dtype("auto", torch.device("cpu"), base_trained=True) == torch.float32  # AdamW on base tensors
     assert cpu_bf16() == ("AMX" if amx else "AVX512-BF16" if avx512_bf16 else None)
 
 

@@ -212,9 +212,9 @@ class TrainConfig:
     """``torch.compile`` each transformer block (worth it on a GPU, for long runs: the first steps
     compile). Off by default; on CPU it needs a C++ compiler and rarely pays."""
     dtype: str = "auto"
-    """Base weights and compute: ``auto`` (bf16 on GPUs that support it and on CPUs that multiply bf16
-    natively — AVX512-BF16 or AMX —, else fp32), ``fp32`` or ``bf16`` (adapter weights and optimizer
-    state stay fp32)."""
+    """Base weights and compute: ``auto`` (bf16 on GPUs that support it, and on CPUs that multiply bf16
+    natively — AVX512-BF16 or AMX — when only adapters train: not for Spectrum, ``modules_to_save`` or
+    base biases; else fp32), ``fp32`` or ``bf16`` (adapter weights and optimizer state stay fp32)."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu``, ``cuda``, ``mps``."""
     report_to: list[str] = field(default_factory=list)

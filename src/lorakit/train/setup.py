@@ -30,13 +30,16 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on a GPU that supports it and on a CPU that multiplies bf16 natively
-    (:func:`cpu_bf16`), else fp32."""
+def resolve_dtype(setting: str, device: torch.device, base_trained: bool = False) -> torch.dtype:
+    """``auto`` -> bf16 on a GPU that supports it, and on a CPU that multiplies bf16 natively
+    (:func:`cpu_bf16`) when only adapters train (``base_trained``: Spectrum, ``modules_to_save`` or
+    base biases train base tensors, which AdamW needs in fp32 there); else fp32."""
     from lorakit.models import default_dtype
 
     if setting == "auto":
-        return torch.bfloat16 if device.type == "cpu" and cpu_bf16() else default_dtype(device)
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_bf16() and not base_trained else torch.float32
+        return default_dtype(device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
 
 
@@ -87,7 +90,9 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
     elif resume_from is None and ckpt.list_checkpoints(output / "checkpoints"):
         raise LorakitError(f"{output} already holds checkpoints of a run; continue it with resume=auto "
                            f"(--resume auto), or choose another output folder")
-    dtype = resolve_dtype(config.train.dtype, device)
+    adapter = config.adapter
+    base_trained = adapter.method == "spectrum" or bool(adapter.modules_to_save) or adapter.bias != "none"
+    dtype = resolve_dtype(config.train.dtype, device, base_trained)
     if config.train.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
         say(f"train.dtype: auto: bf16 on this CPU ({cpu_bf16()}: native bf16 matmuls); the adapter and AdamW "
             "state stay fp32 (train.dtype=fp32 for full precision)")
