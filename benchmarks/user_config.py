@@ -405,6 +405,8 @@ def main() -> int:
     try:
         for name in sets:
             results[name] = measure_set(name, chat_data.SETS[name], args, root)
+            if len(sets) > 1:
+                print_table({name: results[name]}, args)  # each set's figures as soon as they exist
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
