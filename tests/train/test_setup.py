@@ -34,7 +34,7 @@ def test_auto_dtype_on_the_cpu_is_bf16_where_it_is_native(monkeypatch, avx512_bf
 def test_a_bf16_cpu_run_learns_and_says_so(tmp_path, model_dir, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.checkpoint import load_adapter
+    from lorakit.adapter_io import load_adapter
 
     _cpu(monkeypatch, avx512_bf16=True)  # on a CPU without it bf16 is emulated: slower, the same numbers
     values = tiny_config(tmp_path, model_dir, dtype="auto", lr=5e-2, max_steps=8, eval_every=4, save_every=None)
