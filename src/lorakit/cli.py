@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lorakit.commands.eval", "measure adapters against the base: loss, generations, forgetting; report + chart"),
     "merge": ("lorakit.commands.merge", "merge an adapter into its base: a standalone transformers model folder"),
     "combine": ("lorakit.commands.combine", "one adapter from several (cat, linear, svd, ties, dare, magnitude_prune)"),
+    "export": ("lorakit.commands.export", "an adapter for llama.cpp or Ollama: a GGUF LoRA adapter or merged GGUF model"),
     "serve": ("lorakit.commands.serve", "OpenAI-compatible HTTP server: one base model, many adapters, one batch"),
     "inspect": ("lorakit.commands.inspect", "what an adapter folder holds (ranks, targets, size, vLLM fit)"),
     "spectrum": ("lorakit.commands.spectrum", "rank weight matrices by signal-to-noise; select the best ones to train"),

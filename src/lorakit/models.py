@@ -103,6 +103,16 @@ def resolve(spec: str) -> Path:
     return source.path
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file that ``spec`` is (a built-in alias or a ``.gguf`` path), or None for other specs.
+
+    Raises:
+        LorakitError: when ``spec`` names nothing that can be found offline.
+    """
+    source = _locate(spec)
+    return source.path if source.dest is not None else None
+
+
 def load_config(spec: str) -> Any:
     """The transformers ``PretrainedConfig`` of ``spec``, without converting or loading weights.
 

@@ -1,0 +1,27 @@
+"""Export for llama.cpp and Ollama: PEFT adapters as GGUF files that compute what was trained.
+
+- :func:`export_gguf` — a llama.cpp LoRA adapter GGUF (the true PEFT scale folded in, B's rows
+  in the base GGUF's order, every name and shape checked against the base), or with
+  ``merged=True`` the whole merged model as one GGUF file;
+- :func:`export_ollama` — a folder with that GGUF and a ``Modelfile`` for ``ollama create``.
+
+The pieces: :mod:`~lorakit.export.layout` (how a base lays out its weights in GGUF),
+:mod:`~lorakit.export.base` (the ``--base M`` of an export), :mod:`~lorakit.export.peft_files`
+(an adapter folder, sorted for export), :mod:`~lorakit.export.adapter` (the LoRA form),
+:mod:`~lorakit.export.merged` (the merged form), :mod:`~lorakit.export.gguf_file` (encodings and
+atomic writing). Reads and writes GGUF with the ``gguf`` package from PyPI only.
+"""
+
+from __future__ import annotations
+
+from lorakit._lazy import lazy_exports
+
+_LAZY = {
+    "export_gguf": "lorakit.export.llama_cpp",
+    "export_ollama": "lorakit.export.ollama",
+    "AdapterExport": "lorakit.export.adapter",
+    "MergedExport": "lorakit.export.merged",
+    "OllamaExport": "lorakit.export.ollama",
+}
+__all__ = sorted(_LAZY)
+__getattr__ = lazy_exports(__name__, _LAZY)
