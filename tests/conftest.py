@@ -15,6 +15,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 ARCHITECTURES = ("llama", "qwen2", "gpt2", "gemma", "mistral")
 
 
+def pytest_report_header(config):
+    """Say at the top of the run when the comparisons with real llama.cpp will be skipped."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ("llama-cpp-python: NOT INSTALLED - the tests marked llama_cpp (GGUF export vs real llama.cpp) "
+                "will be SKIPPED; `make install` builds it")
+    return "llama-cpp-python: installed (GGUF export tests run against real llama.cpp)"
+
+
 def tiny_config(arch: str):
     """A config for a 2-layer model of ``arch`` small enough to run in milliseconds."""
     import transformers as tf

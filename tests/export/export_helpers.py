@@ -21,19 +21,26 @@ NO_LLAMA_CPP = ("llama-cpp-python is not installed, so the comparisons with real
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason=NO_LLAMA_CPP)
 
 
-def random_adapter(model: torch.nn.Module, folder: Path, config, std: float = 0.0) -> Path:
-    """Add ``config`` with random A and B to ``model`` (B scaled to ``std`` if given), save to ``folder``."""
-    from lorakit import add_adapter, save_adapter
+def random_adapter(model: torch.nn.Module, folder: Path, config, std: float = 0.0, seed: int = 0,
+                   base: str = "smollm2-135m-instruct") -> Path:
+    """Save ``config`` with random A and B (B ~ N(0, std) if given) for ``model`` to ``folder``; the
+    model is left as it was."""
+    from lorakit import add_adapter, delete_adapter, save_adapter
     from lorakit.inject import named_adapter_layers
 
-    torch.manual_seed(0)
-    add_adapter(model, dataclasses.replace(config, init_lora_weights=False))
-    if std:
+    torch.manual_seed(seed)
+    add_adapter(model, dataclasses.replace(config, init_lora_weights=False), "default")
+    try:
         with torch.no_grad():
             for _, layer in named_adapter_layers(model):
                 for B in getattr(layer, "lora_B", {}).values():
-                    B.weight.normal_(0, std)
-    save_adapter(model, folder, base_model_name_or_path="smollm2-135m-instruct")
+                    if std:
+                        B.weight.normal_(0, std)
+                for m in getattr(layer, "lora_magnitude_vector", {}).values():
+                    m.mul_(torch.empty_like(m).uniform_(0.8, 1.2))  # DoRA: a magnitude that is not the norm
+        save_adapter(model, folder, names=["default"], base_model_name_or_path=base)
+    finally:
+        delete_adapter(model, "default")
     return folder
 
 
