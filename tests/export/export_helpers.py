@@ -125,10 +125,17 @@ def open_llama(model: Path, lora: Path | None = None, n_ctx: int = 256):
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
-    """Logits at every position of ``ids`` (a fresh sequence), (len(ids), vocab) float64."""
+    """Logits at every position of ``ids`` (a fresh sequence), (len(ids), vocab) float64.
+
+    llama-cpp-python writes ``scores`` only with ``logits_all=True`` and only rows below ``n_tokens``;
+    every other row stays as allocated (zeros): reading one makes any change "vanish".
+    """
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    assert llm.n_tokens == len(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    assert np.isfinite(logits).all() and (np.abs(logits).max(axis=1) > 0).all(), "llama.cpp wrote no logits"
+    return logits
 
 
 def llama_greedy(llm, ids: list[int], max_new_tokens: int, stop: set[int]) -> list[int]:
