@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +20,8 @@ def quickstart_adapter(smollm2_path, tmp_path_factory):
     from lorakit.train.loop import train
     from lorakit.train.quickstart import QUICKSTART
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # as `make quickstart` runs it
-    try:
-        config = load_config(None, [f"output={tmp_path_factory.mktemp('quickstart') / 'run'}"], base=QUICKSTART)
-        result = train(config, quiet=True)
-    finally:
-        torch.set_num_threads(before)
+    config = load_config(None, [f"output={tmp_path_factory.mktemp('quickstart') / 'run'}"], base=QUICKSTART)
+    result = train(config, quiet=True)
     assert result.stopped == "completed" and result.adapter is not None
     return result.adapter
 

@@ -119,9 +119,12 @@ def naive_gguf(adapter: Path, base, out: Path) -> Path:
 
 
 def open_llama(model: Path, lora: Path | None = None, n_ctx: int = 256):
-    """llama.cpp (llama-cpp-python) on ``model``, with the LoRA adapter ``lora``; CPU, deterministic."""
+    """llama.cpp (llama-cpp-python) on ``model``, with the LoRA adapter ``lora``; CPU, deterministic.
+
+    One thread: on a shared 2-core machine ggml's two busy-waiting threads decoded 15-30x slower.
+    """
     return llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
-                           n_threads=2, n_batch=n_ctx, logits_all=True, verbose=False, seed=0)
+                           n_threads=1, n_batch=n_ctx, logits_all=True, verbose=False, seed=0)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

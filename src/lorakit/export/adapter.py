@@ -95,19 +95,22 @@ def export_adapter(adapter: Adapter, base: Base, out: Path, dtype: str = "f32") 
     if why is not None:
         raise LorakitError(f"{adapter.folder}: cannot be a llama.cpp LoRA adapter: {why}; {MERGED_HINT}")
     layout = base.layout
-    base.check_rows(adapter.modules)
-    alpha = float(adapter.config.lora_alpha)
-    result = AdapterExport(path=out, arch=layout.arch, alpha=alpha, tensors=0)
-    tensors: list[Planned] = []
-    for module in adapter.modules:
+    names = {}
+    for module in adapter.modules:  # every name and shape first: nothing is computed for a wrong base
         A, B = adapter.factors(module)
         if layout.gguf_name(module) == "output.weight" and layout.tied_embeddings:
             raise LorakitError(f"{adapter.folder}: cannot be a llama.cpp LoRA adapter: it adapts the output head "
                                f"{module}, which this base ties to its embeddings; {MERGED_HINT}")
-        name = base.tensor_for(module, (B.shape[0], A.shape[1]), adapter.folder)
+        names[module] = base.tensor_for(module, (B.shape[0], A.shape[1]), adapter.folder)
+    base.check_rows(adapter.modules)
+    alpha = float(adapter.config.lora_alpha)
+    result = AdapterExport(path=out, arch=layout.arch, alpha=alpha, tensors=0)
+    tensors: list[Planned] = []
+    for module, name in names.items():
+        A, B = adapter.factors(module)
         order = layout.row_order(name)
         if order is not None:
-            B = B[order]
+            B = B[order]  # (out, r): rows as the base GGUF stores the weight's rows
         f = adapter.scale(module) / llama_cpp_scale(alpha, A.shape[0])
         if f != 1.0:
             root = math.sqrt(abs(f))
