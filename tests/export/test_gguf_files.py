@@ -191,7 +191,8 @@ def test_an_adapter_for_another_base_is_refused_naming_module_and_shapes(tiny, t
     with pytest.raises(LorakitError) as caught:
         export_gguf(folder, smollm2_base, tmp_path / "a.gguf")
     message = str(caught.value)
-    assert "model.layers.0.mlp.down_proj is 32×64 (out×in) in the adapter but blk.0.ffn_down.weight is 576×1536" in message
+    assert ("model.layers.0.mlp.down_proj is 32×64 (out×in) in the adapter but blk.0.ffn_down.weight is 576×1536"
+            in message)
     assert "trained on another base model" in message
     assert not (tmp_path / "a.gguf").exists()
 
@@ -320,3 +321,13 @@ def test_ollama_folder_has_the_adapter_and_a_modelfile(smollm2, smollm2_base, tm
     assert main(["export", str(tmp_path / "nope"), "--to", "ollama", "--base", "smollm2-135m-instruct", "--out",
                  str(tmp_path / "third")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "my-model", "other"]
+
+
+def test_a_base_gguf_whose_rows_match_no_known_order_is_refused(smollm2_base):
+    from lorakit.export.layout import Layout, check_row_order
+
+    layout = Layout(**{**smollm2_base.layout.__dict__, "rope_rows": {}, "_names": None})
+    weights = {"model.layers.0.self_attn.q_proj.weight": torch.zeros(576, 576)}
+    with pytest.raises(LorakitError, match="rows of blk.0.attn_q.weight match the converted weight .* in no order"):
+        check_row_order(layout, weights.__getitem__, {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight"})
+    assert "attn_q" not in layout.rope_rows

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="M",
                         help="the base model the adapter was trained on: a .gguf file or built-in alias (its layout "
                              "and metadata are read from it), or a transformers folder / hub id (adapter form only)")
-    parser.add_argument("--out", required=True, metavar="PATH", help="the .gguf file (--to gguf) or folder (--to ollama)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="the .gguf file (--to gguf) or folder (--to ollama)")
     parser.add_argument("--merged", action="store_true",
                         help="write the whole merged model instead of a LoRA adapter (needed for DoRA, embedding or "
                              "lm_head LoRA, modules_to_save, trained biases)")
@@ -52,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"llama.cpp LoRA adapter written to {result.path}: {result.arch}, {result.tensors // 2} modules, "
           f"adapter.lora.alpha {result.alpha:g}")
     if result.folded:
-        factors = sorted(set(round(f, 6) for f in result.folded.values()))
-        print(f"  PEFT scale folded into {len(result.folded)} modules' factors (×{', ×'.join(f'{f:g}' for f in factors[:4])}"
-              f"{', …' if len(factors) > 4 else ''}): llama.cpp's alpha/r rule gives exactly the trained s·B·A")
+        factors = sorted({round(f, 6) for f in result.folded.values()})
+        shown = ", ×".join(f"{f:g}" for f in factors[:4]) + (", …" if len(factors) > 4 else "")
+        print(f"  PEFT scale folded into {len(result.folded)} modules' factors (×{shown}): llama.cpp's alpha/r rule "
+              "gives exactly the trained s·B·A")
     if result.f16_fallback:
         print(f"  {len(result.f16_fallback)} tensors written as f16: their rows are not a multiple of 32 (q8_0 blocks)")
     from lorakit.models import gguf_source

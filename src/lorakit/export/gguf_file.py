@@ -65,6 +65,15 @@ class Planned:
         return self.type.name.lower()
 
 
+def require_gguf() -> None:
+    """Raise a LorakitError saying how to install the ``gguf`` package when it is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise LorakitError("lorakit export reads and writes GGUF with the `gguf` package, which is not installed: "
+                           "pip install 'lorakit[gguf]' (or pip install gguf)") from None
+
+
 def ggml_type(shape: tuple[int, ...], dtype: str) -> Any:
     """The GGML type a tensor of ``shape`` gets for the requested ``dtype`` (see the module docstring)."""
     import gguf

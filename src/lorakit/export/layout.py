@@ -65,16 +65,19 @@ class Layout:
     rope_rows: dict[str, bool] = field(default_factory=dict)  # tensor kind -> rows interleaved
     tied_embeddings: bool = False  # no separate output.weight: the head reuses token_embd
     reader: Any = None  # the open gguf.GGUFReader of ``gguf`` (opening one parses all metadata: slow)
+    _names: Any = field(default=None, repr=False)
 
     def name_map(self) -> Any:
-        """gguf's transformers-name -> GGUF-name map for this architecture."""
+        """gguf's transformers-name -> GGUF-name map for this architecture (built once)."""
         import gguf
 
-        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
-        if arch is None:
-            raise LorakitError(f"{self.source}: GGUF architecture {self.arch!r} is unknown to the gguf package "
-                               f"{gguf.__version__ if hasattr(gguf, '__version__') else ''}; upgrade it (pip install -U gguf)")
-        return gguf.get_tensor_name_map(arch, self.n_layers)
+        if self._names is None:
+            arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
+            if arch is None:
+                raise LorakitError(f"{self.source}: GGUF architecture {self.arch!r} is unknown to the installed gguf "
+                                   "package; upgrade it (pip install -U gguf)")
+            self._names = gguf.get_tensor_name_map(arch, self.n_layers)
+        return self._names
 
     def gguf_name(self, module: str) -> str | None:
         """The GGUF weight name of transformers module ``module`` (``….q_proj`` -> ``blk.N.attn_q.weight``)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 from lorakit.export.adapter import AdapterExport, export_adapter
 from lorakit.export.base import Base, check_trained_on, load_base
+from lorakit.export.gguf_file import require_gguf
 from lorakit.export.merged import MergedExport, export_merged
 from lorakit.export.peft_files import read_adapter
 
@@ -32,6 +33,7 @@ def export_gguf(adapter: str | Path, base: str | Base, out: str | Path, merged: 
     Raises:
         LorakitError: bad input of any kind (see the exporters); nothing is written then.
     """
+    require_gguf()
     out = check_out_file(Path(out), overwrite)
     dtype = dtype or DEFAULT_DTYPE[merged]
     folder = Path(adapter)

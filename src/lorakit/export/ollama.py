@@ -92,9 +92,11 @@ def export_ollama(adapter: str | Path, base: Any, out: str | Path, merged: bool 
     """
     from lorakit._fs import replace_folder
     from lorakit.export.base import Base, load_base
+    from lorakit.export.gguf_file import require_gguf
     from lorakit.export.llama_cpp import export_gguf
     from lorakit.models import load_tokenizer
 
+    require_gguf()
     out = Path(out)
     if out.exists() and not overwrite:
         raise LorakitError(f"{out} already exists; choose another --out or pass --force to replace it")
