@@ -95,7 +95,7 @@ def naive_gguf(adapter: Path, base, out: Path) -> Path:
     permuted — right for plain LoRA, wrong for rsLoRA and alpha patterns."""
     import gguf
 
-    from lorakit.export.peft_files import read_adapter
+    from lorakit.export.trained import read_adapter
 
     read = read_adapter(adapter)
     writer = gguf.GGUFWriter(out, base.layout.arch)

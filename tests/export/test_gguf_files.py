@@ -17,7 +17,7 @@ from lorakit import LoraConfig
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.export.llama_cpp import export_gguf
-from lorakit.export.peft_files import read_adapter
+from lorakit.export.trained import read_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Q = gguf.GGMLQuantizationType

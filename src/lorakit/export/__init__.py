@@ -6,7 +6,7 @@
 - :func:`export_ollama` — a folder with that GGUF and a ``Modelfile`` for ``ollama create``.
 
 The pieces: :mod:`~lorakit.export.layout` (how a base lays out its weights in GGUF),
-:mod:`~lorakit.export.base` (the ``--base M`` of an export), :mod:`~lorakit.export.peft_files`
+:mod:`~lorakit.export.base` (the ``--base M`` of an export), :mod:`~lorakit.export.trained`
 (an adapter folder, sorted for export), :mod:`~lorakit.export.adapter` (the LoRA form),
 :mod:`~lorakit.export.merged` (the merged form), :mod:`~lorakit.export.gguf_file` (encodings and
 atomic writing). Reads and writes GGUF with the ``gguf`` package from PyPI only.

@@ -29,12 +29,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorakit.errors import LorakitError
 from lorakit.export.base import Base
 from lorakit.export.gguf_file import Field, Planned, planned, write_gguf
-from lorakit.export.peft_files import Adapter
+from lorakit.export.trained import Adapter
 
 MERGED_HINT = "export the merged model instead: lorakit export … --merged"
 
@@ -79,7 +77,7 @@ def export_adapter(adapter: Adapter, base: Base, out: Path, dtype: str = "f32") 
     """Write ``adapter`` as a llama.cpp LoRA adapter for ``base`` to ``out``.
 
     Args:
-        adapter: the adapter, read with :func:`lorakit.export.peft_files.read_adapter`.
+        adapter: the adapter, read with :func:`lorakit.export.trained.read_adapter`.
         base: the base model's GGUF layout (:func:`lorakit.export.base.load_base`).
         out: the ``.gguf`` file to write (atomically).
         dtype: ``f32`` (exact), ``f16``, ``bf16`` or ``q8_0`` for the factors.

@@ -16,6 +16,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.export.layout import ARCHITECTURES, Layout, check_row_order, config_layout, read_gguf_layout, tensor_kind
+from lorakit.models import gguf_source, load_config, resolve
 
 
 @dataclass
@@ -79,7 +80,6 @@ def load_base(spec: str) -> Base:
         LorakitError: ``spec`` cannot be found, is not a GGUF model, or (as a transformers model)
             has an architecture whose GGUF layout lorakit does not derive.
     """
-    from lorakit.models import gguf_source, load_config
 
     path = gguf_source(spec)
     if path is not None:
@@ -93,7 +93,6 @@ def check_trained_on(base: Base, recorded: str | None, source: Path) -> None:
     Only when the recorded base can be found offline and its architecture is one lorakit maps
     (:data:`ARCHITECTURES`); shapes are checked for every tensor in any case.
     """
-    from lorakit.models import gguf_source, load_config
 
     if not recorded or recorded == base.spec:
         return
@@ -115,7 +114,6 @@ def _weights(spec: str) -> Any:
     """``get(name) -> tensor`` over the safetensors weights of ``spec``'s resolved folder."""
     from safetensors import safe_open
 
-    from lorakit.models import resolve
 
     folder = resolve(spec)
     where: dict[str, Path] = {}

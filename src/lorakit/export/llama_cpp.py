@@ -9,7 +9,7 @@ from lorakit.export.adapter import AdapterExport, export_adapter
 from lorakit.export.base import Base, check_trained_on, load_base
 from lorakit.export.gguf_file import require_gguf
 from lorakit.export.merged import MergedExport, export_merged
-from lorakit.export.peft_files import read_adapter
+from lorakit.export.trained import read_adapter
 
 DEFAULT_DTYPE = {False: "f32", True: "f16"}  # adapter: exact; merged: the size llama.cpp users expect
 

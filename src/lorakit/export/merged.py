@@ -24,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorakit.adapter_io import load_adapter
 from lorakit.errors import LorakitError
 from lorakit.export.base import Base
 from lorakit.export.gguf_file import FILE_TYPES, Field, Planned, copied_fields, planned, write_gguf
 from lorakit.export.layout import check_row_order, tensor_kind
+from lorakit.merging import merge_and_unload
+from lorakit.models import load_model
 
 
 @dataclass
@@ -55,10 +58,6 @@ def export_merged(adapter: str | Path | None, base: Base, out: Path, dtype: str 
             ``out``. Nothing is written then.
     """
     import gguf
-
-    from lorakit.checkpoint import load_adapter
-    from lorakit.merging import merge_and_unload
-    from lorakit.models import load_model
 
     if base.gguf is None:
         raise LorakitError(

@@ -14,13 +14,16 @@ place when complete.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit._fs import atomic_folder
 from lorakit.errors import LorakitError
+from lorakit.export.base import Base, load_base
+from lorakit.export.gguf_file import require_gguf
+from lorakit.export.llama_cpp import export_gguf
+from lorakit.models import load_tokenizer
 
 MODELFILE = "Modelfile"
 _ASSISTANT = "LORAKIT-ASSISTANT-TURN"
@@ -90,11 +93,6 @@ def export_ollama(adapter: str | Path, base: Any, out: str | Path, merged: bool 
     Raises:
         LorakitError: a base without a GGUF file, ``out`` exists, or any export error.
     """
-    from lorakit._fs import replace_folder
-    from lorakit.export.base import Base, load_base
-    from lorakit.export.gguf_file import require_gguf
-    from lorakit.export.llama_cpp import export_gguf
-    from lorakit.models import load_tokenizer
 
     require_gguf()
     out = Path(out)
@@ -108,22 +106,14 @@ def export_ollama(adapter: str | Path, base: Any, out: str | Path, merged: bool 
                            f"{export_base.spec!r}: the Modelfile's FROM names that file")
     name = "model.gguf" if merged else "adapter.gguf"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        with atomic_folder(out) as tmp:
+            export_gguf(adapter, export_base, tmp / name, merged=merged, dtype=dtype)
+            stops = stop_tokens(load_tokenizer(export_base.spec))
+            source = f"./{name}" if merged else str(export_base.gguf.resolve())
+            note = f"written by lorakit export from the adapter {Path(adapter).resolve()}"
+            (tmp / MODELFILE).write_text(modelfile(source, None if merged else f"./{name}", stops, note))
     except OSError as err:
         raise LorakitError(f"cannot write {out}: {err.strerror or err}; choose a writable --out") from None
-    try:
-        export_gguf(adapter, export_base, tmp / name, merged=merged, dtype=dtype)
-        stops = stop_tokens(load_tokenizer(export_base.spec))
-        source = f"./{name}" if merged else str(export_base.gguf.resolve())
-        note = f"written by lorakit export from the adapter {Path(adapter).resolve()}"
-        (tmp / MODELFILE).write_text(modelfile(source, None if merged else f"./{name}", stops, note))
-        tmp.chmod(0o755)
-        replace_folder(tmp, out)
-    except OSError as err:
-        raise LorakitError(f"cannot write {out}: {err.strerror or err}; choose a writable --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     model = re.sub(r"[^a-z0-9._-]+", "-", out.resolve().name.lower()).strip("-.") or "lorakit-adapter"
     return OllamaExport(folder=out, gguf=out / name, modelfile=out / MODELFILE, stops=stops,
                         command=f"ollama create {model} -f {out / MODELFILE}")
