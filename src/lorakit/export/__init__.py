@@ -14,7 +14,15 @@ atomic writing). Reads and writes GGUF with the ``gguf`` package from PyPI only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names as _LAZY, for type checkers and editors
+    from lorakit.export.adapter import AdapterExport as AdapterExport
+    from lorakit.export.llama_cpp import export_gguf as export_gguf
+    from lorakit.export.merged import MergedExport as MergedExport
+    from lorakit.export.ollama import OllamaExport as OllamaExport, export_ollama as export_ollama
 
 _LAZY = {
     "export_gguf": "lorakit.export.llama_cpp",
