@@ -51,6 +51,9 @@ class Dist:
     timeout_s: float = 1800.0
     owns_group: bool = False
     """Whether :func:`start` created the process group (and :meth:`close` destroys it)."""
+    setup_group: object = None
+    """The CPU (gloo) group :meth:`main_first` waits on: its timeout is at least :data:`SETUP_TIMEOUT_S`,
+    since process 0 may take long to fill the caches while the others wait (None: the default group)."""
 
     @property
     def enabled(self) -> bool:
@@ -92,12 +95,16 @@ class Dist:
 
     @contextmanager
     def main_first(self):
-        """Process 0 runs the block first (fills caches: tokenised data, converted models), then the rest."""
+        """Process 0 runs the block first (fills caches: tokenised data, converted models), then the rest.
+
+        The others wait on :attr:`setup_group`, not under ``train.dist_timeout``: that bounds a training
+        step, while tokenising a large data set or converting a model can take much longer. A process
+        that dies meanwhile still ends the wait at once (its connection closes)."""
         if self.enabled and not self.is_main:
-            self.barrier()
+            torch.distributed.barrier(group=self.setup_group)
         yield
         if self.enabled and self.is_main:
-            self.barrier()
+            torch.distributed.barrier(group=self.setup_group)
 
     def wrap(self, objective: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """The objective as the engine needs it: DDP-wrapped, or with the model's frozen base FSDP2-sharded."""
@@ -168,6 +175,10 @@ class Dist:
             self.owns_group = False
 
 
+SETUP_TIMEOUT_S = 1800.0
+"""Shortest wait of the processes for process 0's start-up work (:meth:`Dist.main_first`)."""
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or a launcher that sets the same variables)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -218,6 +229,8 @@ def start(strategy: str, timeout_s: float, device: torch.device) -> tuple[Dist, 
                                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); check "
                                f"MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint) and the network") from None
         dist.owns_group = True
+    dist.setup_group = torch.distributed.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S)))
     return dist, device
 
 
