@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorakit import parameter_targets
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.lora import AdapterOptions, LoraLayer, is_linear, wrap
+from lorakit.adapters.parameter import innermost
 from lorakit.adapters.peft_format import is_adapter_tensor, is_wrapper_module
 from lorakit.adapters.saved_modules import ModulesToSave
 from lorakit.errors import LorakitError
@@ -72,8 +74,11 @@ def add_adapter(
         raise LorakitError(f"adapter {name!r} already exists; delete it first or pick another name")
     if config.bias != "none" and any(c.bias != "none" for c in configs.values()):
         raise LorakitError("only one adapter per model may train base biases (bias='all' or 'lora_only')")
-    config = dataclasses.replace(config)
-    targets = find_targets(model, config, strict=strict_targets)
+    linear = find_targets(model, config, strict=False) if config.target_modules == "all-linear" else None
+    config = parameter_targets.convert_moe_targets(model, dataclasses.replace(config), linear)
+    parameter_targets.check_same_parameters(configs, config, name)
+    parameters = parameter_targets.find_parameters(model, config, strict=strict_targets)
+    targets = find_targets(model, config, strict=strict_targets, allow_empty=bool(parameters))
     if config.target_modules == "all-linear":
         config.target_modules = _saved_targets(model, config, targets)
     for module_name in targets:
@@ -82,6 +87,13 @@ def add_adapter(
             config.fan_in_fan_out = True  # GPT-2 Conv1D: PEFT records it the same way
         layer.add(name, AdapterOptions(
             r=config.rank_for(module_name), alpha=config.alpha_for(module_name), dropout=config.lora_dropout,
+            use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
+            use_dora=config.use_dora,
+        ))
+    for module_name, param_name, key in parameters:
+        layer = parameter_targets.ensure_parameter_layer(model, module_name, param_name)
+        layer.add(name, AdapterOptions(
+            r=config.rank_for(key), alpha=config.alpha_for(key), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
             use_dora=config.use_dora,
         ))
@@ -143,10 +155,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_configs(model)
     if name not in configs:
         raise LorakitError(f"no adapter named {name!r} (loaded: {', '.join(configs) or 'none'})")
-    for module_name, layer in list(named_adapter_layers(model)):
+    removed = []
+    for module_name, layer in reversed(list(named_adapter_layers(model))):  # nested wrappers: inner first
         layer.delete(name)
         if not layer.adapter_names:
-            set_submodule(model, module_name, _base(layer))
+            set_submodule(model, module_name, layer.base_layer if isinstance(layer, LoraLayer) else _base(layer))
+            removed.append(layer)
+    parameter_targets.release_experts(model, removed)
     del configs[name]
     state = adapter_state(model)
     state.active = [a for a in state.active if a != name]
@@ -239,21 +254,25 @@ def check_adapter_name(name: str) -> None:
 # -- target matching -----------------------------------------------------------------------------
 
 
-def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> list[str]:
+def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True, allow_empty: bool = False) -> list[str]:
     """Names of the modules ``config`` adapts, in model order.
 
     Args:
         model: the model to search.
         config: its ``target_modules``, ``exclude_modules``, layer filters, ``modules_to_save``.
         strict: every listed target must match some module (PEFT only needs one to).
+        allow_empty: no module is fine (the adapter targets parameters only).
 
     Raises:
         LorakitError: a listed target (or the regex) matches no module, the selection is empty,
             or a matched module is not Linear/Conv1D/Embedding.
     """
     names = _candidate_names(model)
-    if config.target_modules is None:
-        raise LorakitError("target_modules is not set: give module names, a regex, or 'all-linear'")
+    if config.target_modules is None or (allow_empty and not config.target_modules):
+        if allow_empty:
+            return []
+        raise LorakitError("target_modules is not set: give module names, a regex, or 'all-linear' "
+                           "(or target_parameters)")
     if config.target_modules == "all-linear":
         heads = _output_heads(model)
         chosen = [n for n in names if is_linear(_base(_get(model, n))) and n not in heads]
@@ -262,7 +281,7 @@ def find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> l
         if strict:
             _check_every_target_matches(config.target_modules, names)
         chosen = [n for n in names if _matches_target(config, n) and not _excluded(config, n)]
-    if not chosen:
+    if not chosen and not allow_empty:
         raise LorakitError(
             f"target_modules {config.target_modules!r} selects no module after exclude_modules, "
             f"modules_to_save and layers_to_transform={config.layers_to_transform}"
@@ -406,7 +425,7 @@ def _ensure_lora_layer(model: nn.Module, name: str) -> LoraLayer:
 
 def _base(module: nn.Module) -> nn.Module:
     if isinstance(module, LoraLayer):
-        return module.base_layer
+        return innermost(module.base_layer)
     if isinstance(module, ModulesToSave):
         return module.original_module
     return module

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit import parameter_targets
 from lorakit.adapters.lora import LoraLayer
+from lorakit.adapters.parameter import LoraParameter
 from lorakit.inject import active_adapters, adapter_state, named_adapter_layers, set_submodule
 
 
@@ -28,7 +30,7 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     for layer in layers:  # check all first: a bad adapter must not leave the model half merged
         todo = [n for n in names if n in layer.options and n not in layer.merged]
         if todo:
-            layer.merged_weights(todo)
+            layer.check_merge(todo)
     _untie(model, [layer for layer in layers if any(n in layer.options and n not in layer.merged for n in names)])
     for layer in layers:
         layer.merge(names)
@@ -46,9 +48,11 @@ def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
         counts[id(param)] = counts.get(id(param), 0) + 1
     untied = False
     for layer in layers:
-        weight = layer.base_layer.weight
+        owner, attr = ((layer.target_module, layer.parameter_name) if isinstance(layer, LoraParameter)
+                       else (layer.base_layer, "weight"))
+        weight = getattr(owner, attr)
         if counts.get(id(weight), 0) > 1:
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            setattr(owner, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
             untied = True
     config = getattr(model, "config", None)
     if untied and config is not None and getattr(config, "tie_word_embeddings", False):
@@ -80,7 +84,8 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _strip(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
-    for module_name, layer in list(named_adapter_layers(model)):
+    removed = list(named_adapter_layers(model))
+    for module_name, layer in reversed(removed):  # nested wrappers (target_parameters): inner first
         if isinstance(layer, LoraLayer):
             replacement = layer.base_layer
         elif keep_trained_copies and not layer.disabled and layer.active:
@@ -88,6 +93,7 @@ def _strip(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
         else:
             replacement = layer.original_module
         set_submodule(model, module_name, replacement)
+    parameter_targets.release_experts(model, [layer for _, layer in removed])
     state = adapter_state(model)
     state.configs.clear()
     state.active.clear()

@@ -38,7 +38,6 @@ _PEFT_NEUTRAL_FIELDS: dict[str, Any] = {
     "monteclora_config": None,
     "qalora_group_size": 16,
     "revision": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
     "use_qalora": False,
@@ -47,7 +46,7 @@ _PEFT_NEUTRAL_FIELDS: dict[str, Any] = {
 # Of those, the ones that change what the adapter computes: refused unless neutral.
 _UNSUPPORTED_IF_SET = (
     "alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication",
-    "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora",
+    "monteclora_config", "trainable_token_indices", "use_bdlora",
     "use_qalora", "velora_config",
 )
 _INIT_CHOICES = (True, False, "gaussian", "kaiming")
@@ -66,6 +65,12 @@ class LoraConfig:
     """Module names (exact or dotted suffix), a full-match regex string, or ``"all-linear"``."""
     exclude_modules: list[str] | str | None = None
     """Names or a regex of modules never to adapt, even if targeted."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly (PEFT's ``target_parameters``): names or dotted suffixes of
+    parameters, e.g. ``mlp.experts.gate_up_proj`` — a mixture-of-experts layer's 3-D expert weights
+    (LoRA per expert, on routed tokens) or any 2-D weight such as a router's. Needs
+    ``lora_dropout`` 0 there, as in PEFT; ``layers_to_transform`` and ``exclude_modules`` do not
+    apply to them (as in PEFT)."""
     lora_dropout: float = 0.0
     """Dropout probability on the adapter branch's input (the base path is untouched)."""
     fan_in_fan_out: bool = False
@@ -119,6 +124,11 @@ class LoraConfig:
             )
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str):
+                raise LorakitError("target_parameters must be a list of parameter names (e.g. "
+                                   f"['mlp.experts.gate_up_proj']), not a string: got {self.target_parameters!r}")
+            self.target_parameters = sorted(set(_str_list("target_parameters", self.target_parameters)))
         if self.modules_to_save is not None:
             self.modules_to_save = _str_list("modules_to_save", self.modules_to_save)
         if self.layers_to_transform is not None:
@@ -170,7 +180,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """PEFT's JSON form: every field PEFT writes, sets as lists."""
         data = {**_PEFT_NEUTRAL_FIELDS, **dataclasses.asdict(self)}
-        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
             if isinstance(data[key], (set, tuple)):
                 data[key] = sorted(data[key])
         data["peft_version"] = _peft_version_written()

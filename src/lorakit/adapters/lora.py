@@ -193,6 +193,10 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter(s) {', '.join(names)} hold NaN or inf values; refusing to merge")
         return weight, bias
 
+    def check_merge(self, names: list[str]) -> None:
+        """Raise what :meth:`merge` of ``names`` would raise (NaN/inf), changing nothing."""
+        self.merged_weights(names)
+
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weight. Idempotent.
 

@@ -1,0 +1,258 @@
+"""LoRA on mixture-of-experts weights, computed on the tokens routed to each expert only.
+
+transformers 5 stores an MoE layer's experts as one module with 3-D parameters (Qwen3-MoE:
+``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I); gpt-oss stores them transposed, (E, in, out),
+with biases) and dispatches their forward through its experts interface
+(``transformers.integrations.moe``: ``@use_experts_implementation``, ``ExpertsInterface``). This
+module is one more implementation of that interface, registered under the name ``"lorakit"``
+(:func:`register`): the same routed computation as transformers' ``grouped_mm``, plus the
+adapters' rank-r terms::
+
+    pairs (token t, expert e) sorted by expert ──► x_t  (S = tokens·top_k rows)
+    y = x W_eᵀ (+ b_e)  +  Σ_adapters  s · (x A_eᵀ) B_eᵀ        # h = x A_eᵀ is (S, r)
+    gate/activation ──► the same for down_proj ──► × routing weight ──► sum over top_k
+
+Never is an (E, out, in) ``ΔW = s·B A`` formed, in forward or backward: the update costs two
+grouped matmuls of rank r per weight, on the routed pairs only, and autograd's backward through
+them is again rank r (``dA_e = s·(dy B_e)ᵀ x``, ``dB_e = s·dyᵀ h``). PEFT instead parametrises the
+whole weight (``W + ΔW`` for all E experts at every forward, and its gradient in backward).
+
+Which experts the interface serves is generic: the module's own ``has_gate``, ``has_bias``,
+``is_transposed``, ``has_post_expert_norm``, ``_apply_gate`` and ``act_fn`` (set by
+transformers' decorator) say everything, so there is no per-architecture code. Per-expert factors
+come from PEFT's ``ParamWrapper`` layout (:func:`expert_factors`): ``lora_A`` (r·E, in) is
+expert-major, ``lora_B`` (out, r·E) rank-major.
+
+Expert parallelism (``_is_expert_parallel``) is not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+IMPLEMENTATION = "lorakit"
+"""The name of lorakit's experts implementation in transformers' ``ExpertsInterface``."""
+UPDATES_KWARG = "lorakit_updates"
+"""The keyword through which the adapter layer hands the active updates to :func:`experts_forward`."""
+
+
+@dataclass(frozen=True)
+class ExpertUpdate:
+    """One adapter's factors on one expert weight: ``ΔW_e = scaling · B[e] A[e]`` in (out, in) terms.
+
+    Attributes:
+        A: (E, r, in).
+        B: (E, out, r).
+        scaling: alpha/r (or alpha/√r).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert ``(A, B)`` from PEFT's stacked factors (views where possible, differentiable).
+
+    Args:
+        lora_A: (r·E, in), expert-major (rows ``e·r … e·r + r − 1`` belong to expert e).
+        lora_B: (out, r·E), rank-major (column ``j·E + e`` is rank j of expert e).
+        num_experts: E.
+
+    Returns:
+        A as (E, r, in) and B as (E, out, r), contiguous.
+    """
+    out = lora_B.shape[0]
+    A = lora_A.view(num_experts, -1, lora_A.shape[-1])
+    B = lora_B.view(out, -1, num_experts).permute(2, 0, 1).contiguous()
+    return A, B
+
+
+def is_interface_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is an experts module dispatched through transformers' experts interface."""
+    return (all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm",
+                                             "_apply_gate", "num_experts"))
+            and hasattr(getattr(module, "config", None), "_experts_implementation"))
+
+
+def weight_names(module: nn.Module) -> tuple[str, str]:
+    """The names of an interface experts module's two 3-D weights: (up or gate_up, down)."""
+    return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
+
+
+def register() -> None:
+    """Add :func:`experts_forward` to transformers' ``ExpertsInterface`` as ``"lorakit"`` (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION) is not experts_forward:
+        ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+
+
+def use_lorakit_experts(module: nn.Module) -> str | None:
+    """Route ``module``'s config (shared by every experts module of that model) to ``"lorakit"``.
+
+    Returns:
+        The implementation it used before (to restore with :func:`restore_experts`), or None if it
+        already used ``"lorakit"``.
+    """
+    register()
+    config = module.config
+    before = config._experts_implementation
+    if before == IMPLEMENTATION:
+        return None
+    config._experts_implementation = IMPLEMENTATION
+    return before
+
+
+def restore_experts(module: nn.Module, implementation: str | None) -> None:
+    """Give ``module``'s config back the experts implementation it had before lorakit's."""
+    if implementation is not None and module.config._experts_implementation == IMPLEMENTATION:
+        module.config._experts_implementation = implementation
+
+
+# -- the experts implementation ------------------------------------------------------------------
+
+
+def experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    **kwargs: dict[str, list[ExpertUpdate]] | None,
+) -> torch.Tensor:
+    """transformers' experts forward for ``self`` with LoRA updates on routed tokens only.
+
+    Registered in ``ExpertsInterface`` as ``"lorakit"``; transformers calls it with ``self`` the
+    experts module. Without updates it is a plain routed computation (the same numbers as
+    ``grouped_mm`` up to summation order).
+
+    Args:
+        self: an experts module decorated with ``@use_experts_implementation``.
+        hidden_states: (N, H) tokens.
+        top_k_index: (N, K) each token's experts (ids ≥ E are dropped pairs).
+        top_k_weights: (N, K) their routing weights.
+        **kwargs: ``lorakit_updates``: weight name -> the active :class:`ExpertUpdate` list.
+
+    Returns:
+        (N, H) in the dtype of ``hidden_states``.
+    """
+    updates = kwargs.pop(UPDATES_KWARG, None) or {}
+    if kwargs:
+        raise TypeError(f"experts_forward got unexpected arguments {sorted(kwargs)}")
+    if getattr(self, "_is_expert_parallel", False):
+        raise LorakitError(f"{type(self).__name__}: expert parallelism is not supported by lorakit's expert LoRA")
+    num_tokens, top_k = top_k_index.shape
+    hidden_dim = hidden_states.shape[-1]
+    expert_ids = top_k_index.reshape(-1)  # (S,)
+    sorted_ids, perm = torch.sort(expert_ids, stable=True)
+    counts = torch.bincount(sorted_ids.clamp(max=self.num_experts), minlength=self.num_experts + 1)
+    offsets = counts[:self.num_experts].cumsum(0, dtype=torch.int32)  # (E,), pairs ≥ offsets[-1] are dropped
+    routed = int(offsets[-1]) if offsets.numel() else 0
+    x = hidden_states[perm[:routed] // top_k]  # (S', H): each routed pair's token, grouped by expert
+    ids = sorted_ids[:routed]
+    up, down = weight_names(self)
+    y = _expert_linear(self, up, x, offsets, ids, updates.get(up, ()))  # (S', 2I) or (S', I)
+    y = self._apply_gate(y) if self.has_gate else self.act_fn(y)
+    y = _expert_linear(self, down, y, offsets, ids, updates.get(down, ()))  # (S', H)
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    y = y * top_k_weights.reshape(-1)[perm[:routed]].unsqueeze(-1)
+    if routed < expert_ids.numel():  # dropped pairs add nothing
+        y = torch.cat([y, y.new_zeros(expert_ids.numel() - routed, hidden_dim)])
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    # The same reduction as transformers' implementations: back to token order, sum over top_k.
+    return y[inverse].view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
+                   updates: list[ExpertUpdate] | tuple[()]) -> torch.Tensor:
+    """``x W_eᵀ + b_e + Σ s·(x A_eᵀ) B_eᵀ`` for rows grouped by expert (``offsets``: group ends)."""
+    weight = getattr(module, name)
+    weight = weight if module.is_transposed else weight.transpose(-2, -1)  # (E, in, out)
+    y = grouped_mm(x.to(weight.dtype), weight, offsets)  # (S', out)
+    if module.has_bias:
+        y = y + getattr(module, f"{name}_bias")[ids]
+    for update in updates:
+        dtype = _branch_dtype(x, update.A)
+        h = grouped_mm(x.to(dtype), update.A.to(dtype).transpose(-2, -1), offsets)  # (S', r): the rank-r path
+        z = grouped_mm(h, update.B.to(dtype).transpose(-2, -1), offsets)  # (S', out)
+        y = y + (z * update.scaling).to(y.dtype)
+    return y
+
+
+def _branch_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
+    # Under autocast the low-rank terms run in the autocast dtype, as nn.Linear would; else in the
+    # adapter's dtype (fp32 over a half-precision base).
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else A.dtype
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (S, K) grouped by expert times that expert's ``weight[e]`` (K, N): (S, N).
+
+    ``offsets[e]`` is the end of group e. Uses ``torch.nn.functional.grouped_mm`` where the
+    device, dtype and strides allow it, else one ``mm`` per non-empty group (same numbers).
+    """
+    if _native_grouped_mm(x, weight):
+        return F.grouped_mm(x, weight, offs=offsets)
+    parts, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            parts.append(x[start:end] @ weight[e])
+        start = end
+    if not parts:
+        return x.new_zeros(0, weight.shape[-1])
+    return torch.cat(parts)
+
+
+def _native_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype or x.shape[0] == 0:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    # The kernel (and its backward) needs 16-byte aligned pointers, row strides and inner sizes.
+    dims = (x.shape[-1], weight.shape[-1])
+    strides = [s for t in (x, weight) for s in t.stride() if s != 1]
+    return (all(d * size % 16 == 0 for d in dims) and all(s * size % 16 == 0 for s in strides)
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def reference(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+              top_k_weights: torch.Tensor, updates: dict[str, list[ExpertUpdate]]) -> torch.Tensor:
+    """The same function by a token loop with each expert's merged weight ``W_e + s·B_e A_e``, in fp64 (tests)."""
+    up, down = weight_names(module)
+    out = torch.zeros_like(hidden_states, dtype=torch.float64)
+
+    def linear(name: str, x: torch.Tensor, e: int) -> torch.Tensor:
+        weight = getattr(module, name)[e].double()
+        weight = weight if module.is_transposed else weight.T  # (in, out)
+        for u in updates.get(name, ()):
+            weight = weight + (u.B[e].double() @ u.A[e].double()).T * u.scaling
+        y = x @ weight
+        return y + getattr(module, f"{name}_bias")[e].double() if module.has_bias else y
+
+    for t in range(hidden_states.shape[0]):
+        for k in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, k])
+            if e >= module.num_experts:
+                continue
+            y = linear(up, hidden_states[t:t + 1].double(), e)
+            y = module._apply_gate(y) if module.has_gate else module.act_fn(y)
+            y = linear(down, y, e)
+            if module.has_post_expert_norm:
+                y = module.post_expert_norm(y)
+            out[t] += y[0] * top_k_weights[t, k].double()
+    return out.to(hidden_states.dtype)
