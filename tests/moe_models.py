@@ -32,6 +32,7 @@ def tiny_moe_config(arch: str, experts: int = 4, top_k: int = 2):
         return tf.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                                  num_experts=experts, **common)
     if arch == "deepseek_v3":
+        common["num_key_value_heads"] = 4  # multi-head latent attention: as many KV heads as heads
         return tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=experts,
                                    n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                                    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,

@@ -63,7 +63,8 @@ def add_adapter(
             adapter, whose tensors are checked instead).
 
     Returns:
-        The names of the modules that received the adapter.
+        The names of the modules that received the adapter, then the full names of the parameters
+        (``target_parameters``) that did.
 
     Raises:
         LorakitError: a bad name, a target that matches nothing, or a matched module LoRA cannot wrap.
@@ -74,13 +75,8 @@ def add_adapter(
         raise LorakitError(f"adapter {name!r} already exists; delete it first or pick another name")
     if config.bias != "none" and any(c.bias != "none" for c in configs.values()):
         raise LorakitError("only one adapter per model may train base biases (bias='all' or 'lora_only')")
-    linear = find_targets(model, config, strict=False) if config.target_modules == "all-linear" else None
-    config = parameter_targets.convert_moe_targets(model, dataclasses.replace(config), linear)
+    config, targets, parameters = resolve_config(model, config, strict=strict_targets)
     parameter_targets.check_same_parameters(configs, config, name)
-    parameters = parameter_targets.find_parameters(model, config, strict=strict_targets)
-    targets = find_targets(model, config, strict=strict_targets, allow_empty=bool(parameters))
-    if config.target_modules == "all-linear":
-        config.target_modules = _saved_targets(model, config, targets)
     for module_name in targets:
         layer = _ensure_lora_layer(model, module_name)
         if getattr(layer, "fan_in_fan_out", False):
@@ -108,7 +104,26 @@ def add_adapter(
         set_active(model, [name])
     else:
         refresh_trainable(model)
-    return targets
+    return targets + [key for _, _, key in parameters]
+
+
+def resolve_config(model: nn.Module, config: LoraConfig,
+                   strict: bool = True) -> tuple[LoraConfig, list[str], list[tuple[str, str, str]]]:
+    """What ``config`` adapts on ``model``, as :func:`add_adapter` will: the config as it is saved
+    (PEFT's MoE rewrite applied, ``all-linear`` resolved), the module names, and the targeted
+    parameters as ``(module name, parameter name, full key)`` (see :mod:`lorakit.parameter_targets`).
+    Changes nothing.
+
+    Raises:
+        LorakitError: as :func:`add_adapter`.
+    """
+    linear = find_targets(model, config, strict=False) if config.target_modules == "all-linear" else None
+    config = parameter_targets.convert_moe_targets(model, dataclasses.replace(config), linear)
+    parameters = parameter_targets.find_parameters(model, config, strict=strict)
+    targets = find_targets(model, config, strict=strict, allow_empty=bool(parameters))
+    if config.target_modules == "all-linear":
+        config.target_modules = _saved_targets(model, config, targets)
+    return config, targets, parameters
 
 
 @dataclass

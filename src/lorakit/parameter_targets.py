@@ -30,7 +30,7 @@ import re
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.parameter import LoraParameter, innermost
+from lorakit.adapters.parameter import LoraParameter, innermost, wrappers
 from lorakit.errors import LorakitError
 
 # PEFT 0.21.2 (peft/utils/transformers_weight_conversion.py): v4 module name -> v5 parameter, and
@@ -217,3 +217,37 @@ def release_experts(model: nn.Module, removed: list[nn.Module]) -> None:
             module = innermost(layer)
             if id(module.config) not in still:
                 experts.restore_experts(module, layer.replaced_implementation)
+
+
+def expert_weights(model: nn.Module) -> dict[str, tuple[int, bool]]:
+    """Every expert weight of ``model`` (the 3-D weights of experts modules that transformers' experts
+    interface serves): full name -> (element count, whether an adapter targets it)."""
+    from lorakit.adapters import experts
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraParameter) or not experts.is_interface_experts(module):
+            continue
+        outer = _outer_name(name)
+        holder = model.get_submodule(outer) if outer else model
+        adapted = {layer.parameter_name for layer in wrappers(holder) if layer.adapter_names}
+        for weight in experts.weight_names(module):
+            param = getattr(module, weight, None)
+            if isinstance(param, nn.Parameter):
+                found[f"{outer}.{weight}"] = (param.numel(), weight in adapted)
+    return found
+
+
+def untargeted_experts_note(model: nn.Module, what: str = "the adapter's targets") -> str | None:
+    """One line when expert weights sit outside every adapter (how many parameters), else None."""
+    weights = expert_weights(model)
+    left = {k: n for k, (n, adapted) in weights.items() if not adapted}
+    if not left:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    count = sum(left.values())
+    kinds = sorted({re.sub(r"^.*?\.\d+\.", "", k) for k in left})
+    return (f"{what} leave the experts out: {count:,} of the model's {total:,} parameters ({100 * count / total:.1f} %) "
+            f"sit in expert weights no adapter trains ({', '.join(kinds)}; {len(left)} tensors). To train them, add "
+            f"target_parameters: [{', '.join(kinds)}] (LoRA per expert on its routed tokens)")
+

@@ -302,3 +302,29 @@ def test_right_padded_batches_run_without_their_padding_mask():
     assert "attention_mask" in causal_inputs(left)
     packed = collate_packed(_in_two_rows(rows), block_mask=True)  # a 4-D mask is kept
     assert causal_inputs(packed)["attention_mask"].dim() == 4
+
+
+@pytest.mark.parametrize("aux", [False, True])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen2_moe", "deepseek_v3"])
+def test_chunked_loss_of_moe_models_adds_the_router_loss_as_the_model_does(arch, aux):
+    """On MoE models the chunked loss adds the load-balancing loss when the config asks for it
+    (output_router_logits, router_aux_loss_coef): loss and every gradient equal the model's own."""
+    from moe_models import make_moe
+
+    import transformers as tf
+
+    config = make_moe(arch).config
+    config.output_router_logits, config.router_aux_loss_coef = aux, 0.3
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).train()
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear", target_parameters=["mlp.experts.down_proj"],
+                                  init_lora_weights=False))
+    batch = collate_padded(_rows(), pad_token_id=0)
+    plain = _loss_and_grads(lambda **b: model(**b, use_cache=False).loss, model, batch)
+    chunked = _loss_and_grads(CausalLMLoss(model, chunk=5, share_prefix=True), model, batch)
+    _assert_same(chunked, plain)
+    without = _loss_and_grads(lambda **b: model(**b, use_cache=False, output_router_logits=False).loss, model, batch)
+    if aux and arch != "deepseek_v3":  # DeepSeek-V3 balances its router with a bias, not a loss
+        assert plain[0] > without[0] + 1e-3
+    else:
+        torch.testing.assert_close(plain[0], without[0])

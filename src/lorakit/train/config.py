@@ -58,6 +58,9 @@ class AdapterConfig:
     ``spectrum:N``: the top N % of each module type by Spectrum's signal-to-noise ratio."""
     exclude: list[str] | str | None = None
     """Names or a regex of modules never to adapt."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly (PEFT's ``target_parameters``), e.g. a mixture-of-experts model's
+    ``[mlp.experts.gate_up_proj, mlp.experts.down_proj]``: LoRA per expert, on the tokens routed to it."""
     rslora: bool = False
     """rsLoRA scaling ``alpha / sqrt(r)``."""
     init: str = "kaiming"
@@ -89,6 +92,13 @@ class AdapterConfig:
         _bool("adapter.rslora", self.rslora)
         _bool("adapter.spectrum_embeddings", self.spectrum_embeddings)
         top = self.spectrum_top  # validates spectrum:N
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(t, str) for t in self.target_parameters)):
+            raise LorakitError("adapter.target_parameters: expected a list of parameter names, e.g. "
+                               f"[mlp.experts.gate_up_proj, mlp.experts.down_proj]; got {self.target_parameters!r}")
+        if self.method == "spectrum" and self.target_parameters:
+            raise LorakitError("adapter.target_parameters: method: spectrum trains whole matrices; target_parameters "
+                               "are for LoRA (method: lora)")
         if self.method == "spectrum":
             if self.quantized:
                 raise LorakitError("adapter.method: spectrum trains full-precision weights; it cannot be combined "
@@ -131,7 +141,8 @@ class AdapterConfig:
                                "(lorakit.train.setup.resolve_targets)")
         try:
             return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets or self.targets,
-                              exclude_modules=self.exclude, use_rslora=self.rslora,
+                              exclude_modules=self.exclude, target_parameters=self.target_parameters,
+                              use_rslora=self.rslora,
                               init_lora_weights=True if self.init == "kaiming" else self.init, bias=self.bias,
                               use_dora=self.method == "dora",
                               modules_to_save=self.modules_to_save, base_model_name_or_path=base_model,

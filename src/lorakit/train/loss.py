@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -43,7 +44,9 @@ IGNORE = -100
 
 # Causal LMs whose forward is `lm_head(backbone(...).last_hidden_state)` then the shifted mean CE.
 _PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "phi3", "olmo", "olmo2",
-                         "starcoder2", "smollm3"})
+                         "starcoder2", "smollm3",
+                         # mixture-of-experts: the same head, plus the router's load-balancing loss
+                         "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe"})
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -74,11 +77,17 @@ class CausalLMLoss(nn.Module):
                 return self.model(**batch, use_cache=False).loss
             backbone, head = parts
             labels = batch.pop("labels")
-            prefix = shared_prefix(batch, labels) if self.share_prefix else 0
+            aux = router_aux_loss(self.model)
+            prefix = shared_prefix(batch, labels) if self.share_prefix and aux is None else 0
+            mask = batch.get("attention_mask")  # the router loss counts real tokens only
             batch = causal_inputs(batch)
+            extra = 0.0
             if prefix:
                 hidden = _after_prefix(backbone, batch, prefix)  # (B, T - prefix, d)
                 labels = labels[:, prefix:]
+            elif aux is not None:
+                out = backbone(**batch, use_cache=False, output_router_logits=True)
+                hidden, extra = out[0], aux(out.router_logits, mask)
             else:
                 hidden = backbone(**batch, use_cache=False)[0]  # (B, T, d)
             targets = labels[:, 1:]  # the token each position predicts
@@ -92,7 +101,24 @@ class CausalLMLoss(nn.Module):
                 rows, weight = rows.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return LinearCrossEntropy.apply(rows, weight, bias, targets[keep], chunk)
+                return LinearCrossEntropy.apply(rows, weight, bias, targets[keep], chunk) + extra
+
+
+def router_aux_loss(model: nn.Module):
+    """``(router_logits, attention_mask) -> coef · load-balancing loss`` when the model's config asks
+    for it (``output_router_logits``), with the model's own function and coefficient (those of its
+    modeling module, as its forward adds them), else None."""
+    if not getattr(getattr(model, "config", None), "output_router_logits", False):
+        return None
+    balance = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if balance is None or coef is None:
+        return None
+
+    def aux(router_logits, attention_mask):
+        loss = balance(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+        return coef * loss
+    return aux
 
 
 MIN_PREFIX = 8  # shorter shared prefixes are not worth the second pass through the model

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.inject import resolve_config
+from lorakit.parameter_targets import untargeted_experts_note
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.distributed import Dist, accumulation, decoder_blocks, global_batch_note, start
@@ -116,6 +118,8 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         from lorakit.adapters.quant import quantize_model
 
         quantize_model(model, compute_dtype=dtype)
+    if _fit_dropout(config, model, say) and dist.is_main:
+        save_config(config, output / "config.yaml")
     torch.manual_seed(config.train.seed)
     with dist.main_first():  # the Spectrum scan is cached per model
         targets = resolve_targets(config, say)
@@ -134,6 +138,9 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         load_adapter(model, resume_from, trainable=True)
     else:
         add_adapter(model, config.adapter.to_lora_config(base_model=config.model, targets=targets))
+    experts_note = untargeted_experts_note(model, "adapter.targets")
+    if experts_note:
+        say(experts_note)
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input gradients, so it works with a frozen base.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -227,6 +234,23 @@ def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
                            f"(int(layers × {top:g} / 100) is 0 in every module type); raise the percentage")
     say(f"spectrum:{top:g}: {len(modules)} of {len(results)} matrices selected by signal-to-noise ratio")
     return modules
+
+
+def _fit_dropout(config: RunConfig, model: torch.nn.Module, say=print) -> bool:
+    """Set ``adapter.dropout`` to 0 when the adapter will target parameters (MoE experts): PEFT's
+    format has one dropout per adapter and PEFT refuses any on target parameters. Says so; True if
+    it changed the config."""
+    adapter = config.adapter
+    if adapter.dropout == 0 or adapter.method == "spectrum" or adapter.spectrum_top is not None:
+        return False
+    _, _, parameters = resolve_config(model, adapter.to_lora_config(base_model=config.model), strict=False)
+    if not parameters:
+        return False
+    say(f"adapter.dropout: {adapter.dropout:g} -> 0: the adapter targets parameters (the experts: "
+        f"{parameters[0][2]}, …), which take no dropout in PEFT's format, and one adapter has one dropout "
+        "(set adapter.dropout: 0 to say so yourself)")
+    adapter.dropout = 0.0
+    return True
 
 
 def _kept_global_batch(checkpoint: Path, config: RunConfig, world: int) -> int | None:
