@@ -242,3 +242,71 @@ def test_cli_estimate_user_errors(argv, message, capsys):
 def test_cli_estimate_unknown_model(capsys):
     assert main(["estimate", "/no/such/model"]) == 2
     assert "/no/such/model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def qwen3_moe(**kw) -> tf.Qwen3MoeConfig:
+    base = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    return tf.Qwen3MoeConfig(**{**base, **kw})
+
+
+MOE_CASES = [  # all-linear on these trains experts and router too (PEFT's rule), dropout 0 as PEFT requires there
+    ("qwen3-moe-lorakit", qwen3_moe(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32")),
+    ("qwen3-moe-peft", qwen3_moe(), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("qwen3-moe-full", qwen3_moe(), Setup("full", batch=2, seq=64, dtype="fp32", engine="peft")),
+    ("mixtral-lorakit", tf.MixtralConfig(vocab_size=1000, hidden_size=128, intermediate_size=64, num_local_experts=8,
+                                         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2), Setup("lora", rank=8, batch=2, seq=64, dtype="fp32")),
+    ("qwen2-moe-shared-expert", tf.Qwen2MoeConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                                  moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                                                  num_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2),
+     Setup("lora", rank=8, batch=2, seq=64, dtype="fp32")),
+]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("config, setup", [c[1:] for c in MOE_CASES], ids=[c[0] for c in MOE_CASES])
+def test_moe_estimate_matches_a_measured_training_step(config, setup):
+    real = measured_step(config, setup)
+    plan = estimate(config, setup)
+    assert plan.weights + plan.adapters == real["weights"]  # exact, expert adapters included
+    assert plan.optimizer == real["optimizer"]
+    assert plan.total == pytest.approx(real["peak"], rel=0.10)  # today within 6 %
+
+
+def test_moe_inventory_total_and_active_parameters():
+    config = qwen3_moe()
+    model = tf.AutoModelForCausalLM.from_config(config)
+    inv = inventory(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert inv.params == sum(p.numel() for p in model.parameters()) and inv.expert_params == experts
+    assert inv.dims["experts"] == 8 and inv.dims["top_k"] == 2 and inv.dims["moe_intermediate"] == 64
+    assert inv.active_params == inv.params - experts + experts * 2 // 8
+    assert inv.linear_params + inv.embedding + inv.head + inv.expert_params + inv.other == inv.params
+    # Qwen3-30B-A3B's shape: 30.5 B parameters, 3.35 B active with embeddings and head (Qwen reports 3.3 B).
+    big = inventory(qwen3_moe(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                              num_experts=128, num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+                              num_key_value_heads=4, head_dim=128, tie_word_embeddings=False))
+    assert round(big.params / 1e9, 1) == 30.5 and round(big.active_params / 1e9, 1) == 3.4
+
+
+def test_moe_plans_refuse_what_training_refuses():
+    with pytest.raises(LorakitError, match="QLoRA on a mixture-of-experts model.*no NF4 storage"):
+        estimate(qwen3_moe(), Setup("qlora"))
+    with pytest.raises(LorakitError, match="DoRA is not supported on target parameters"):
+        estimate(qwen3_moe(), Setup("dora"))
+    assert all("qlora" not in label for label, _ in suggest(qwen3_moe(), Setup("lora", seq=4096), 1 << 20))
+
+
+def test_cli_estimate_shows_experts_and_active_parameters(tmp_path, capsys):
+    qwen3_moe().save_pretrained(tmp_path)
+    assert main(["estimate", str(tmp_path), "--targets", "q_proj,v_proj", "--target-parameters",
+                 "mlp.experts.down_proj", "--seq", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "mixture of experts: 8 experts, top-2, expert size 64, in 2 layers; active per token" in out
+    assert "on 4 modules + 2 parameters (2 of them expert weights)" in out
+    assert "256 routed (token, expert) pairs per MoE layer" in out

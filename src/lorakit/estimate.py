@@ -87,7 +87,10 @@ class Setup:
     checkpointing: bool = False
     """Gradient checkpointing: keep each layer's input only, recompute the rest in backward."""
     targets: str | tuple[str, ...] = "all-linear"
-    """LoRA targets: "all-linear" (never the output head) or module-name suffixes."""
+    """LoRA targets: "all-linear" (never the output head) or module-name suffixes. On MoE models they
+    resolve as lorakit (and PEFT) resolve them, experts included where PEFT includes them."""
+    target_parameters: tuple[str, ...] = ()
+    """Parameters adapted directly (PEFT's ``target_parameters``), e.g. the expert weights."""
     dropout: float = 0.0
     """LoRA dropout; above 0 every adapted layer keeps its own dropped-out input and mask."""
     top: float = 25.0
@@ -116,6 +119,7 @@ class Setup:
             raise LorakitError(f"--dropout {self.dropout}: expected a value in [0, 1)")
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
+        self.target_parameters = tuple(self.target_parameters or ())
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,17 @@ class Linear:
     """One linear layer of the model: full name, input and output features, layer index."""
 
     name: str
+    fan_in: int
+    fan_out: int
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One 3-D expert weight of a mixture-of-experts layer (E experts of fan_in -> fan_out each)."""
+
+    name: str
+    experts: int
     fan_in: int
     fan_out: int
     layer: int | None
@@ -146,16 +161,32 @@ class Inventory:
     buffer_bytes: int
     """Non-parameter tensors (rotary frequencies …), counted in fp32."""
     dims: dict[str, int] = field(default_factory=dict)
-    """hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, gated (0/1)."""
+    """hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, gated (0/1); MoE models also
+    experts (E), top_k, moe_intermediate."""
+    experts: tuple[Expert, ...] = ()
+    """The expert weights of mixture-of-experts layers (those transformers' experts interface serves)."""
+    model: Any = field(default=None, compare=False, repr=False)
+    """The model on the meta device (no memory), to resolve targets exactly as lorakit would."""
 
     @property
     def linear_params(self) -> int:
         return sum(lin.fan_in * lin.fan_out for lin in self.linears)
 
     @property
+    def expert_params(self) -> int:
+        return sum(e.experts * e.fan_in * e.fan_out for e in self.experts)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: all but the experts it is not routed to."""
+        if not self.experts:
+            return self.params
+        return self.params - self.expert_params + self.expert_params * self.dims["top_k"] // self.dims["experts"]
+
+    @property
     def other(self) -> int:
-        """Norms, biases and anything else."""
-        return self.params - self.embedding - self.head - self.linear_params
+        """Norms, biases, routers and anything else."""
+        return self.params - self.embedding - self.head - self.linear_params - self.expert_params
 
 
 @dataclass
@@ -210,8 +241,18 @@ def inventory(config: Any) -> Inventory:
     emb = model.get_input_embeddings().weight
     out = getattr(model.get_output_embeddings(), "weight", None)
     head = 0 if out is None or out is emb else out.numel()
+    from lorakit.adapters import experts as moe
+
     linears: list[Linear] = []
+    expert_weights: list[Expert] = []
     for name, mod in model.named_modules():
+        if moe.is_interface_experts(mod):
+            kind = module_type(f"{name}.weight")
+            for weight in moe.weight_names(mod):
+                e, a, b = getattr(mod, weight).shape
+                fin, fout = (a, b) if mod.is_transposed else (b, a)
+                expert_weights.append(Expert(f"{name}.{weight}", int(e), int(fin), int(fout), kind[1] if kind else None))
+            continue
         if mod is model.get_output_embeddings():
             continue
         if isinstance(mod, torch.nn.Linear):
@@ -230,9 +271,14 @@ def inventory(config: Any) -> Inventory:
             "head_dim": _dim(text, "head_dim", default=h // heads), "vocab": emb.shape[0],
             "intermediate": _dim(text, "intermediate_size", "n_inner", default=4 * h),
             "gated": int(any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears))}
+    if expert_weights:
+        dims.update(experts=expert_weights[0].experts,
+                    top_k=_dim(text, "num_experts_per_tok", "moe_topk", "top_k", default=1),
+                    moe_intermediate=next((e.fan_in for e in expert_weights if e.name.endswith("down_proj")),
+                                          expert_weights[-1].fan_in))
     buffers = 4 * sum(b.numel() for b in model.buffers())
     return Inventory(type(model).__name__, sum(p.numel() for p in params.values()), emb.numel(), head,
-                     tuple(linears), len(params), buffers, dims)
+                     tuple(linears), len(params), buffers, dims, tuple(expert_weights), model)
 
 
 def _targeted(inv: Inventory, targets: str | tuple[str, ...]) -> list[Linear]:
@@ -245,6 +291,56 @@ def _targeted(inv: Inventory, targets: str | tuple[str, ...]) -> list[Linear]:
         known = sorted({lin.name.rsplit(".", 1)[-1] for lin in inv.linears})
         raise LorakitError(f"--targets: {', '.join(missing)} match no linear layer; this model has {', '.join(known)}")
     return chosen
+
+
+@dataclass(frozen=True)
+class ParamTarget:
+    """A parameter adapted directly: E experts (1 for a 2-D weight) of fan_in -> fan_out, rank r each."""
+
+    name: str
+    experts: int
+    fan_in: int
+    fan_out: int
+    rank: int
+    layer: int | None
+
+    @property
+    def adapter_params(self) -> int:
+        return self.rank * self.experts * (self.fan_in + self.fan_out)
+
+
+def _adapted(inv: Inventory, s: Setup) -> tuple[list[Linear], list[ParamTarget]]:
+    """The linear layers and parameters a LoRA-family setup adapts. On MoE models they are resolved
+    on the meta model exactly as ``add_adapter`` resolves them (PEFT's MoE rewrite included)."""
+    if s.method not in ("lora", "qlora", "dora"):
+        return [], []
+    if not inv.experts or inv.model is None:
+        if s.target_parameters:
+            raise LorakitError("--target-parameters: this model has no mixture-of-experts weights; name linear "
+                               "layers with --targets")
+        return _targeted(inv, s.targets), []
+    from lorakit.adapters.config import LoraConfig
+    from lorakit.adapters.parameter import innermost
+    from lorakit.inject import resolve_config
+    from lorakit.spectrum import module_type
+
+    config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=s.targets if s.targets == "all-linear"
+                        else list(s.targets), target_parameters=list(s.target_parameters) or None)
+    config, modules, params = resolve_config(inv.model, config)
+    by_name = {lin.name: lin for lin in inv.linears}
+    experts = {e.name: e for e in inv.experts}
+    targets = []
+    for module, param, key in params:
+        kind = module_type(f"{key}")
+        e = experts.get(key)
+        if e is None:  # a 2-D weight (a router's): (out, in)
+            out, fan_in = getattr(innermost(inv.model.get_submodule(module)), param).shape
+            e = Expert(key, 1, int(fan_in), int(out), kind[1] if kind else None)
+        targets.append(ParamTarget(key, e.experts, e.fan_in, e.fan_out, config.rank_for(key), e.layer))
+    if s.method == "dora" and targets:
+        raise LorakitError("--method dora: DoRA is not supported on target parameters (the experts), in lorakit or "
+                           "PEFT; plan --method lora, or DoRA on --targets without expert weights")
+    return [by_name[m] for m in modules if m in by_name], targets
 
 
 def _spectrum_selection(inv: Inventory, top: float) -> list[Linear]:
@@ -265,7 +361,8 @@ def _spectrum_selection(inv: Inventory, top: float) -> list[Linear]:
     return chosen
 
 
-def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: list[Linear]) -> tuple[int, int]:
+def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: list[Linear],
+                       params: list[ParamTarget] = ()) -> tuple[int, int]:
     """(bytes per token kept by all layers, bytes per token of the largest layer)."""
     d, c = inv.dims, DTYPE_BYTES[s.dtype]
     h, L, i = d["hidden"], d["layers"], d["intermediate"]
@@ -277,6 +374,7 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
         if lin.layer is not None:
             by_layer.setdefault(lin.layer, []).append(lin)
     adapted_names = {lin.name for lin in adapted}
+    moe_layers = {e.layer for e in inv.experts}
     for n in range(L):
         lins = by_layer.get(n, [])
         grads = {lin.name.rsplit(".", 1)[-1] for lin in lins if lin.name in trained or lin.name in adapted_names}
@@ -284,10 +382,13 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
         b = 2 * (4 * h + 4)                                  # both norms keep fp32 input + rsqrt
         b += 2 * c * h if full else 0                        # normalised x, for the norm weight's gradient
         b += c * h if keeps_input("q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "query_key_value") else 0
-        b += c * h if keeps_input("gate_proj", "up_proj", "c_fc", "fc1", "gate_up_proj", "dense_h_to_4h") else 0
         b += c * (2 * q + 2 * kv) + 4 * d["heads"]           # SDPA keeps q, k, v, output, logsumexp
-        b += c * i * (3 if d["gated"] else 1)                # gate, act(gate), up  |  fc1 output
-        b += c * i if keeps_input("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2") else 0
+        if n in moe_layers:  # the router, the routed experts and any shared expert
+            b += _moe_layer_bytes(inv, s, n, lins, grads, [p for p in params if p.layer == n])
+        else:
+            b += c * h if keeps_input("gate_proj", "up_proj", "c_fc", "fc1", "gate_up_proj", "dense_h_to_4h") else 0
+            b += c * i * (3 if d["gated"] else 1)            # gate, act(gate), up  |  fc1 output
+            b += c * i if keeps_input("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2") else 0
         for lin in (x for x in lins if x.name in adapted_names):
             a = DTYPE_BYTES[s.adapter_dtype]
             b += lin.fan_in * _dropout_record_bytes(s)       # what dropout removed, per element of x
@@ -302,6 +403,44 @@ def _layer_activations(inv: Inventory, s: Setup, trained: set[str], adapted: lis
     if s.method in ("lora", "qlora", "dora") or (s.method == "spectrum" and not s.spectrum_embeddings):
         per_layer[0] -= 4 * h + 4                            # frozen embeddings: layer 0's input needs no grad
     return sum(per_layer.values()), max(per_layer.values())
+
+
+def _moe_layer_bytes(inv: Inventory, s: Setup, layer: int, lins: list[Linear], grads: set[str],
+                     params: list[ParamTarget]) -> int:
+    """Bytes per token a mixture-of-experts layer keeps for backward (lorakit's experts implementation
+    or, engine peft, transformers' grouped_mm over PEFT's parametrised weights)."""
+    d, c, a = inv.dims, DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
+    h, k, experts = d["hidden"], d["top_k"], d["experts"]
+    weights = [e for e in inv.experts if e.layer == layer]
+    up = next((e for e in weights if not e.name.endswith("down_proj")), weights[0])
+    down = next((e for e in weights if e.name.endswith("down_proj")), weights[-1])
+    adapted = {p.name.rsplit(".", 1)[-1]: p for p in params}
+    up_name, router = up.name.rsplit(".", 1)[-1], [p for p in params if p.experts == 1]
+    # The block's input: kept when the router, a shared expert's first layer or (lorakit: it re-gathers the
+    # routed copies from it in backward) the experts' first weight trains.
+    lorakit_up = s.engine != "peft" and up_name in adapted
+    b = c * h if router or lorakit_up or any(t in grads for t in ("gate_proj", "up_proj", "w1", "w3")) else 0
+    b += 4 * experts + 12 * k                               # router: fp32 softmax, top-k values and indices
+    shared = next((lin.fan_out for lin in lins if lin.name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj")), 0)
+    if shared:                                              # a shared expert (or a dense MLP) beside the routed ones
+        b += 3 * c * shared + (c * shared if "down_proj" in grads else 0)
+        b += c * h if any(lin.name.endswith("shared_expert_gate") for lin in lins) else 0
+    pair = 28 + c * up.fan_out + c * down.fan_in + c * h   # routing indices, gate_up out, act(gate), down out
+    if up_name in adapted:  # PEFT: grouped_mm keeps its input for W + ΔW's gradient; lorakit: A x only
+        pair += c * h if s.engine == "peft" else a * adapted[up_name].rank
+    if "down_proj" in adapted:  # both keep act(gate)·up; lorakit also A x
+        pair += c * down.fan_in + (0 if s.engine == "peft" else a * adapted["down_proj"].rank)
+    return b + k * pair
+
+
+def _peft_expert_bytes(s: Setup, params: list[ParamTarget]) -> tuple[int, int]:
+    """PEFT's parametrised expert weights: ``W + ΔW`` of every adapted expert weight, kept from forward
+    to backward, and the largest one's gradient in backward (bytes)."""
+    if s.engine != "peft":
+        return 0, 0
+    c = DTYPE_BYTES[s.dtype]
+    sizes = [c * p.experts * p.fan_in * p.fan_out for p in params if p.experts > 1]
+    return sum(sizes), max(sizes, default=0)
 
 
 def _dropout_record_bytes(s: Setup) -> float:
@@ -329,7 +468,11 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     c, a = DTYPE_BYTES[s.dtype], DTYPE_BYTES[s.adapter_dtype]
     d = inv.dims
     h, V, L, tokens = d["hidden"], d["vocab"], d["layers"], s.batch * s.seq
-    adapted = _targeted(inv, s.targets) if s.method in ("lora", "qlora", "dora") else []
+    if s.method == "qlora" and inv.experts:
+        from lorakit.adapters.quant import experts_refusal
+
+        raise LorakitError(experts_refusal(inv.expert_params, inv.params))
+    adapted, params = _adapted(inv, s)
     trained = {lin.name for lin in inv.linears} if s.method == "full" else set()
     if s.method == "spectrum":
         trained = {lin.name for lin in _spectrum_selection(inv, s.top)}
@@ -348,16 +491,16 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
         trainable += (inv.embedding + inv.head) if embeddings_train else 0
     n_tensors = inv.tensors if s.method == "full" else len(trained) + (1 + (inv.head > 0)) * embeddings_train
     adapter_params = sum(s.rank * (lin.fan_in + lin.fan_out) + (lin.fan_out if s.method == "dora" else 0)
-                         for lin in adapted)
+                         for lin in adapted) + sum(p.adapter_params for p in params)
     adapters = a * adapter_params
-    n_tensors += len(adapted) * (3 if s.method == "dora" else 2)
+    n_tensors += len(adapted) * (3 if s.method == "dora" else 2) + 2 * len(params)
     master = 4 * trainable if c != 4 else 0                          # fp32 copy of bf16 trainable weights
     master += 4 * adapter_params if a != 4 else 0
     optimizer = 8 * (trainable + adapter_params) + 4 * n_tensors + master  # AdamW m, v (fp32) + step
     grads = c * trainable + a * adapter_params
 
     # Activations and logits, per token.
-    layers_all, layer_max = _layer_activations(inv, s, trained, adapted)
+    layers_all, layer_max = _layer_activations(inv, s, trained, adapted, params)
     final = 4 * h + 4                                                 # final norm: fp32 input + rsqrt
     final += c * h if s.method == "full" else 0                       # normalised x (norm weight trains)
     final += c * h if embeddings_train else 0                         # its output, for the head's gradient
@@ -381,13 +524,15 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
         kept_logits = tokens * 4 * V
     dequant = 2 * max((lin.fan_in * lin.fan_out for lin in inv.linears), default=0) * c if s.method == "qlora" else 0
     recompute = tokens * layer_max                                    # the first layer, recomputed or kept
+    expert_kept, expert_grad = _peft_expert_bytes(s, params)
+    saved += expert_kept
     held_grads = grads if s.grad_accum > 1 else 0
     phase1 = saved + logits_tmp + held_grads
     # Phase 2: backward of the first layer. Its (recomputed) activations and their gradients
     # (≈ two intermediate-sized temporaries) coexist with every gradient except an untied
     # embedding's, which comes last, when the layer's activations are gone.
     late = c * inv.embedding if embeddings_train and inv.head > 0 else 0
-    temporaries = tokens * 2 * c * d["intermediate"]
+    temporaries = tokens * 2 * c * d["intermediate"] + expert_grad
     phase2 = grads - late + recompute + temporaries + (tokens * L * c * h if s.checkpointing else 0)
     if phase1 >= phase2:
         act, logits, g, at = saved - kept_logits + dequant, kept_logits + logits_tmp, held_grads, "start of backward"
@@ -396,7 +541,9 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     return Estimate(s, inv.params, trainable + adapter_params, weights, adapters, g, optimizer, act, logits, at,
                     detail={"gradients_total": grads, "master_fp32": master, "activations_saved": saved,
                             "adapter_params": adapter_params, "trainable_base_params": trainable,
-                            "adapted_modules": len(adapted), "loss_chunk_rows": rows, "spectrum_matrices": len(trained) if s.method == "spectrum" else 0})
+                            "adapted_modules": len(adapted), "adapted_parameters": len(params),
+                            "adapted_experts": sum(p.experts > 1 for p in params),
+                            "loss_chunk_rows": rows, "spectrum_matrices": len(trained) if s.method == "spectrum" else 0})
 
 
 def suggest(config: Any, setup: Setup, budget: int, *, inv: Inventory | None = None) -> list[tuple[str, Estimate]]:
@@ -423,7 +570,8 @@ def suggest(config: Any, setup: Setup, budget: int, *, inv: Inventory | None = N
             break
     if not setup.checkpointing:
         attempt("gradient checkpointing on", checkpointing=True)
-    if setup.method in ("full", "lora", "dora", "spectrum"):
+    quantizable = not inv.experts  # NF4 covers linear layers only; an MoE model's experts would stay 16-bit
+    if setup.method in ("full", "lora", "dora", "spectrum") and quantizable:
         attempt("--method qlora (4-bit NF4 base)", method="qlora")
     if setup.method == "full":
         attempt("--method lora", method="lora")
@@ -433,9 +581,10 @@ def suggest(config: Any, setup: Setup, budget: int, *, inv: Inventory | None = N
         if attempt(f"--seq {seq} (shorter sequences)", seq=seq).total <= budget:
             break
     if not found:
-        combo = dict(checkpointing=True, method="qlora" if setup.method != "qlora" else "qlora", batch=1,
+        combo = dict(checkpointing=True, method="qlora" if quantizable else setup.method, batch=1,
                      grad_accum=setup.grad_accum * setup.batch)
-        label = "gradient checkpointing + --method qlora + --batch 1 with accumulation"
+        label = ("gradient checkpointing + " + ("--method qlora + " if quantizable else "")
+                 + "--batch 1 with accumulation")
         seq = setup.seq
         while seq >= 128:
             if attempt(label + (f" + --seq {seq}" if seq != setup.seq else ""), **combo, seq=seq).total <= budget:

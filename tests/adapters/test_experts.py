@@ -122,3 +122,14 @@ def _config(E: int, H: int, I: int):
     return tf.Qwen3MoeConfig(vocab_size=32, hidden_size=H, intermediate_size=2 * I, moe_intermediate_size=I,
                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              num_experts=E, num_experts_per_tok=2, norm_topk_prob=True)
+
+
+@pytest.mark.parametrize("rows,cols", [(9, (4, 16)), (13, (3, 5)), (0, (4, 8))])
+def test_grouped_outer_is_each_groups_product_and_zero_when_empty(rows, cols):
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, cols[0], generator=generator), torch.randn(rows, cols[1], generator=generator)
+    ids = torch.randint(0, 4, (rows,), generator=generator).sort().values
+    ids[ids == 1] = 2  # expert 1 gets no rows
+    offsets = torch.bincount(ids, minlength=4).cumsum(0, dtype=torch.int32)
+    expected = torch.stack([a[ids == e].T @ b[ids == e] for e in range(4)])
+    torch.testing.assert_close(experts.grouped_outer(a, b, offsets), expected, rtol=1e-5, atol=1e-5)

@@ -154,10 +154,11 @@ def experts_forward(
     counts = torch.bincount(sorted_ids.clamp(max=self.num_experts), minlength=self.num_experts + 1)
     offsets = counts[:self.num_experts].cumsum(0, dtype=torch.int32)  # (E,), pairs ≥ offsets[-1] are dropped
     routed = int(offsets[-1]) if offsets.numel() else 0
-    x = hidden_states[perm[:routed] // top_k]  # (S', H): each routed pair's token, grouped by expert
+    x = hidden_states[perm[:routed] // top_k]  # (S', H): each routed pair's token, grouped by expert (not kept)
     ids = sorted_ids[:routed]
     up, down = weight_names(self)
-    y = _expert_linear(self, up, x, offsets, ids, updates.get(up, ()))  # (S', 2I) or (S', I)
+    rows = perm[:routed] // top_k  # each pair's token: the up branch re-gathers x from these in backward
+    y = _expert_linear(self, up, x, offsets, ids, updates.get(up, ()), hidden_states, rows)  # (S', 2I) or (S', I)
     y = self._apply_gate(y) if self.has_gate else self.act_fn(y)
     y = _expert_linear(self, down, y, offsets, ids, updates.get(down, ()))  # (S', H)
     if self.has_post_expert_norm:
@@ -172,8 +173,10 @@ def experts_forward(
 
 
 def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
-                   updates: list[ExpertUpdate] | tuple[()]) -> torch.Tensor:
-    """``x W_eᵀ + b_e + Σ s·(x A_eᵀ) B_eᵀ`` for rows grouped by expert (``offsets``: group ends)."""
+                   updates: list[ExpertUpdate] | tuple[()], source: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W_eᵀ + b_e + Σ s·(x A_eᵀ) B_eᵀ`` for rows grouped by expert (``offsets``: group ends);
+    ``x = source[rows]`` when given (the branch then keeps ``source``, not ``x``, for backward)."""
     weight = getattr(module, name)
     weight = weight if module.is_transposed else weight.transpose(-2, -1)  # (E, in, out)
     y = grouped_mm(x.to(weight.dtype), weight, offsets)  # (S', out)
@@ -181,10 +184,52 @@ def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch
         y = y + getattr(module, f"{name}_bias")[ids]
     for update in updates:
         dtype = _branch_dtype(x, update.A)
-        h = grouped_mm(x.to(dtype), update.A.to(dtype).transpose(-2, -1), offsets)  # (S', r): the rank-r path
-        z = grouped_mm(h, update.B.to(dtype).transpose(-2, -1), offsets)  # (S', out)
-        y = y + (z * update.scaling).to(y.dtype)
+        branch_in, branch_rows = (x, None) if source is None else (source, rows)
+        z = ExpertLoraFn.apply(branch_in, branch_rows, update.A, update.B, offsets, update.scaling, dtype)
+        y = y + z.to(y.dtype)
     return y
+
+
+class ExpertLoraFn(torch.autograd.Function):
+    """``z = s · (x A_eᵀ) B_eᵀ`` per expert group, ``x = source[rows]`` (or ``source``), in ``dtype``.
+
+    Keeps ``source`` (for the first expert weight: the layer's tokens, top_k times smaller than the
+    routed pairs), ``rows`` and the rank-r ``h = x A_eᵀ`` (S, r). Backward, from ``g = dz``::
+
+        dB_e = s · g_eᵀ h_e          dh = s · g B_e          (rank r)
+        dA_e = dh_eᵀ x_e             dx = dh A_e, scattered back to source through rows
+
+    with ``x`` gathered (and cast) again. Nothing of size (E, out, in) in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, source, rows, A, B, offsets, scaling: float, dtype: torch.dtype):
+        x = (source if rows is None else source[rows]).to(dtype)  # (S, in)
+        ctx.factor_dtypes = A.dtype, B.dtype
+        A, B = A.to(dtype), B.to(dtype)  # (E, r, in), (E, out, r)
+        h = grouped_mm(x, A.transpose(-2, -1), offsets)  # (S, r): the rank-r path stays small
+        z = grouped_mm(h, B.transpose(-2, -1), offsets)  # (S, out)
+        ctx.save_for_backward(source, rows, A, B, h, offsets)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        return z.mul_(scaling)
+
+    @staticmethod
+    def backward(ctx, g):
+        source, rows, A, B, h, offsets = ctx.saved_tensors
+        s = ctx.scaling
+        g = g.to(ctx.dtype)
+        dh = grouped_mm(g, B, offsets).mul_(s)  # (S, r)
+        dA = dB = dsource = None
+        if ctx.needs_input_grad[3]:
+            dB = grouped_outer(g, h, offsets).mul_(s).to(ctx.factor_dtypes[1])  # (E, out, r)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[2]:
+                x = (source if rows is None else source[rows]).to(ctx.dtype)
+                dA = grouped_outer(dh, x, offsets).to(ctx.factor_dtypes[0])  # (E, r, in)
+            if ctx.needs_input_grad[0]:
+                dx = grouped_mm(dh, A, offsets).to(source.dtype)  # (S, in)
+                dsource = dx if rows is None else torch.zeros_like(source).index_add_(0, rows, dx)
+        return dsource, None, dA, dB, None, None, None
 
 
 def _branch_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
@@ -212,15 +257,42 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     return torch.cat(parts)
 
 
-def _native_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype or x.shape[0] == 0:
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``a_eᵀ b_e`` for each group e of rows (``offsets``: group ends): (E, a.cols, b.cols), zeros for
+    an empty group. ``a`` (S, M) and ``b`` (S, N)."""
+    groups = offsets.numel()
+    if _native_grouped_outer(a, b):
+        return F.grouped_mm(a.T, b, offs=offsets)
+    out = a.new_zeros(groups, a.shape[-1], b.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end].T, b[start:end], out=out[e])
+        start = end
+    return out
+
+
+def _native_grouped_outer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # F.grouped_mm with the groups along the shared dimension: aᵀ is a transposed view (strides 1, M).
+    if not _native_device_dtype(a, b) or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    size = a.element_size()
+    return (a.shape[-1] * size % 16 == 0 and b.shape[-1] * size % 16 == 0
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
+def _native_device_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype or x.numel() == 0:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
-            return False
-    elif x.device.type != "cpu":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+def _native_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not _native_device_dtype(x, weight):
         return False
     size = x.element_size()
     # The kernel (and its backward) needs 16-byte aligned pointers, row strides and inner sizes.

@@ -119,7 +119,17 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
     """Replace every ``nn.Linear`` of ``model`` (but the output head and ``skip``) by NF4, in place.
 
     Call it before adding adapters. Returns the quantised module names.
+
+    Raises:
+        LorakitError: the model has mixture-of-experts weights (see :func:`experts_refusal`), or no
+            ``nn.Linear`` at all.
     """
+    from lorakit.adapters.experts import is_interface_experts, weight_names
+
+    expert_params = sum(getattr(m, w).numel() for m in model.modules() if is_interface_experts(m)
+                        for w in weight_names(m))
+    if expert_params:
+        raise LorakitError(experts_refusal(expert_params, sum(p.numel() for p in model.parameters())))
     head = getattr(model, "get_output_embeddings", lambda: None)()
     done = []
     for name, module in list(model.named_modules()):
@@ -132,6 +142,15 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
     if not done:
         raise LorakitError("quantize_model found no nn.Linear layer to quantise")
     return done
+
+
+def experts_refusal(expert_params: int, total: int) -> str:
+    """Why QLoRA is refused on a mixture-of-experts model, and what to do instead."""
+    return (f"QLoRA on a mixture-of-experts model: {expert_params:,} of its {total:,} parameters "
+            f"({100 * expert_params / total:.0f} %) are 3-D expert weights, and lorakit stores only nn.Linear layers "
+            "in NF4 — it has no NF4 storage and kernel for expert weights yet, so a 'QLoRA' here would keep most of "
+            "the model in 16 bits and save little. Train with method: lora on a bf16 base (the expert LoRA never "
+            "forms an expert-sized ΔW), or plan it with `lorakit estimate M --method lora`")
 
 
 def dense_copy(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:

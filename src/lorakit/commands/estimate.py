@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", help="base weights and activations: bf16 | fp16 | fp32 (default bf16)")
     parser.add_argument("--adapter-dtype", default="fp32", help="adapter weights: fp32 | bf16 (default fp32)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
-    parser.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
+    parser.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated names "
+                        "(on MoE models resolved as lorakit train resolves them, experts included where PEFT does)")
+    parser.add_argument("--target-parameters", default="", metavar="NAMES",
+                        help="comma-separated parameters to adapt directly, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0; >0 keeps more activations)")
     parser.add_argument("--engine", default="lorakit", choices=("lorakit", "peft"),
                         help="plan the step as lorakit train runs it (fused adapter layers, chunked loss; default) "
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     setup = Setup(method=args.method, rank=args.rank, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                   dtype=args.dtype, adapter_dtype=args.adapter_dtype, checkpointing=args.checkpointing,
                   targets=targets, dropout=args.dropout, top=args.top, engine=args.engine,
+                  target_parameters=tuple(t.strip() for t in args.target_parameters.split(",") if t.strip()),
                   spectrum_embeddings=not args.spectrum_no_embeddings)
     config = load_config(args.model)
     inv = inventory(config)
@@ -77,12 +81,16 @@ def _describe(inv: Any, plan: Any) -> list[tuple[str, int, str]]:
     tokens = s.batch * s.seq
     act = (f"{tokens:,} tokens kept for backward" if plan.peak_at.startswith("start")
            else "the first layer's activations and their gradients")
+    if inv.experts and plan.peak_at.startswith("start"):
+        act += f", {tokens * inv.dims['top_k']:,} routed (token, expert) pairs per MoE layer"
     if s.checkpointing:
         act += "; checkpointing keeps only layer inputs"
     grads = (f"{DTYPE_BYTES[s.dtype] if s.method in ('full', 'spectrum') else DTYPE_BYTES[s.adapter_dtype]}"
              f" bytes per trainable param" + ("" if plan.gradients else "; produced later, as activations are freed"))
-    adapters = (f"{_m(d['adapter_params'])} params on {d['adapted_modules']} modules in {s.adapter_dtype}"
-                if d["adapter_params"] else "none")
+    on = f"{d['adapted_modules']} modules" + (f" + {d['adapted_parameters']} parameters"
+                                              f" ({d['adapted_experts']} of them expert weights)"
+                                              if d.get("adapted_parameters") else "")
+    adapters = f"{_m(d['adapter_params'])} params on {on} in {s.adapter_dtype}" if d["adapter_params"] else "none"
     if s.method == "spectrum":
         adapters = f"none; trains {d['spectrum_matrices']} matrices" + (" + embeddings and head" if s.spectrum_embeddings else "")
     return [("weights", plan.weights, base), ("adapters", plan.adapters, adapters),
@@ -106,7 +114,11 @@ def _render(model: str, inv: Any, plan: Any, gpu: int | None, fits: bool | None,
     lines = [f"Memory plan for {model} ({inv.arch}, {_m(inv.params)} params, {d['layers']} layers, "
              f"hidden {d['hidden']}, vocab {d['vocab']:,}, {head} head)",
              f"  params: embeddings {_m(inv.embedding)}, linear {_m(inv.linear_params)}, "
-             f"head {_m(inv.head)}, norms/biases {_m(inv.other)}",
+             + (f"experts {_m(inv.expert_params)}, " if inv.experts else "")
+             + f"head {_m(inv.head)}, norms/biases{'/routers' if inv.experts else ''} {_m(inv.other)}",
+             *([f"  mixture of experts: {d['experts']} experts, top-{d['top_k']}, expert size {d['moe_intermediate']}, "
+                f"in {len({e.layer for e in inv.experts})} layers; active per token {_m(inv.active_params)} of "
+                f"{_m(inv.params)} ({100 * inv.active_params / inv.params:.1f} %)"] if inv.experts else []),
              f"  {s.method}" + (f" r={s.rank}" if s.method in ("lora", "qlora", "dora") else "")
              + (f" top {s.top:g}%" if s.method == "spectrum" else "")
              + f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
@@ -136,7 +148,8 @@ def _as_json(model: str, inv: Any, plan: Any, gpu: int | None, fits: bool | None
     parts = {name: value for name, value, _ in _describe(inv, plan)}
     return {"model": model, "architecture": inv.arch, "dims": inv.dims,
             "params": {"total": inv.params, "embedding": inv.embedding, "head": inv.head,
-                       "linear": inv.linear_params, "other": inv.other, "trainable": plan.trainable},
+                       "linear": inv.linear_params, "experts": inv.expert_params, "active": inv.active_params,
+                       "other": inv.other, "trainable": plan.trainable},
             "setup": asdict(plan.setup), "bytes": {**parts, "total": plan.total}, "peak_at": plan.peak_at,
             "detail": plan.detail, "gpu_bytes": gpu, "cuda_reserve_bytes": CUDA_RESERVE, "fits": fits,
             "suggestions": [{"change": label, "total_bytes": e.total, "setup": asdict(e.setup)} for label, e in options]}
