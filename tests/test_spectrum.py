@@ -319,3 +319,22 @@ def test_cli_spectrum_user_errors(tiny_folder, capsys):
     assert "--top 150: expected a percentage" in capsys.readouterr().err
     assert main(["spectrum", "/no/such/model"]) == 2
     assert "/no/such/model" in capsys.readouterr().err
+
+
+def test_moe_expert_weights_are_not_ranked_and_the_cli_says_so(tmp_path, monkeypatch, capsys):
+    """A mixture-of-experts checkpoint (transformers saves experts per expert): the routed experts are
+    excluded (documented: they train as 3-D tensors), routers and attention are ranked."""
+    from moe_models import make_moe
+
+    folder = tmp_path / "moe"
+    make_moe("qwen2_moe").save_pretrained(folder)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    results = scan(folder, cache_dir=tmp_path / "cache")
+    kinds = {r.module_type for r in results}
+    assert "mlp.gate" in kinds and "mlp.shared_expert.down_proj" in kinds and "self_attn.q_proj" in kinds
+    assert not any(".experts." in r.name for r in results)
+    from lorakit.spectrum import excluded_experts
+
+    assert excluded_experts(folder) == 2 * 4 * 3  # layers × experts × (gate, up, down)
+    assert main(["spectrum", str(folder), "--top", "50"]) == 0
+    assert "Not ranked: 24 routed-expert weight tensors" in capsys.readouterr().out

@@ -103,3 +103,14 @@ def test_a_target_list_without_the_experts_is_said_at_start(tmp_path, moe_dir, c
     assert said.count("leave the experts out") == 1
     assert f"{experts:,} of the model's" in said and "mlp.experts.down_proj, mlp.experts.gate_up_proj" in said
     assert "adapter.dropout" not in said  # no target parameters: the dropout stays
+
+
+def test_spectrum_targets_on_moe_skip_experts_and_routers(tmp_path, moe_dir, capsys, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    config = _config(tmp_path, moe_dir, max_steps=1)
+    config.adapter.targets = "spectrum:50"
+    run, _ = build_run(config)
+    said = capsys.readouterr().out
+    assert "selected matrices are not linear layers" in said and "a router" in said
+    adapted = [n for n, m in run.model.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all(".self_attn." in n for n in adapted)  # experts unranked, routers skipped

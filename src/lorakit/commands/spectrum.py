@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit._fs import atomic_write_text
     from lorakit.errors import LorakitError
     from lorakit.models import resolve
-    from lorakit.spectrum import format_table, scan, selected_modules, yaml_snippet
+    from lorakit.spectrum import excluded_experts, format_table, scan, selected_modules, yaml_snippet
 
     if not 0.0 <= args.top <= 100.0:
         raise LorakitError(f"--top {args.top:g}: expected a percentage between 0 and 100 (paper default 25)")
@@ -52,12 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "folder": str(folder), "top": args.top,
                           "selected": selected_modules(results, args.top),
+                          "excluded_expert_tensors": excluded_experts(folder),
                           "matrices": [asdict(r) for r in results]}, indent=2))
         return 0
     chosen = len(selected_modules(results, args.top))
     print(f"Spectrum SNR of {args.model}: {len(results)} matrices in "
           f"{len({r.module_type for r in results})} module types, {elapsed:.1f} s; "
           f"top {args.top:g}% per type = {chosen} selected (*)\n")
+    experts = excluded_experts(folder)
+    if experts:
+        print(f"Not ranked: {experts} routed-expert weight tensors (a mixture-of-experts model trains an MoE layer's "
+              "experts as one 3-D tensor each; adapt them with LoRA on adapter.target_parameters, e.g. "
+              "[mlp.experts.gate_up_proj, mlp.experts.down_proj])\n")
     print(format_table(results, args.top))
     print(snippet, end="")
     if args.out:

@@ -1,7 +1,8 @@
 """Spectrum: rank weight matrices by signal-to-noise ratio and train only the best ones.
 
 - :mod:`~lorakit.spectrum.ranking`: the SNR of one matrix (a pure function) and the selection of
-  the top share per module type;
+  the top share per module type; routed experts' weights of MoE models are not ranked
+  (:func:`is_expert_weight`: they train as 3-D tensors, through ``target_parameters``);
 - :mod:`~lorakit.spectrum.scanner`: the streamed scan of a model folder, cached per model;
 - :mod:`~lorakit.spectrum.report`: the ranked table and the training-config fragment
   ``lorakit spectrum`` prints.
@@ -12,12 +13,12 @@ Two ways to train with the selection: :func:`selected_modules` gives LoRA target
 :func:`load_spectrum`, re-exported here).
 """
 
-from lorakit.spectrum.ranking import MatrixSnr, module_type, select, selected_modules, snr, snr_from_singular_values
+from lorakit.spectrum.ranking import MatrixSnr, is_expert_weight, module_type, select, selected_modules, snr, snr_from_singular_values
 from lorakit.spectrum.report import format_table, yaml_snippet
-from lorakit.spectrum.scanner import Progress, default_cache_dir, model_fingerprint, scan
+from lorakit.spectrum.scanner import Progress, default_cache_dir, excluded_experts, model_fingerprint, scan
 from lorakit.spectrum_model import (CONFIG_NAME, WEIGHTS_NAME, freeze_for_spectrum, load_spectrum, mark_spectrum,
                                     save_spectrum, spectrum_info)
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "MatrixSnr", "Progress", "default_cache_dir", "format_table",
-           "freeze_for_spectrum", "load_spectrum", "mark_spectrum", "model_fingerprint", "module_type", "save_spectrum",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "MatrixSnr", "Progress", "default_cache_dir", "excluded_experts", "format_table",
+           "freeze_for_spectrum", "is_expert_weight", "load_spectrum", "mark_spectrum", "model_fingerprint", "module_type", "save_spectrum",
            "scan", "select", "selected_modules", "snr", "snr_from_singular_values", "spectrum_info", "yaml_snippet"]

@@ -122,6 +122,18 @@ def module_type(name: str) -> tuple[str, int] | None:
     return rest, int(match["index"])
 
 
+def is_expert_weight(name: str) -> bool:
+    """A routed expert's weight in a checkpoint: per expert (``….mlp.experts.7.down_proj.weight``, how
+    transformers saves MoE models) or fused (``….mlp.experts.down_proj``, 3-D).
+
+    Spectrum does not rank these: the model trains an MoE layer's experts as 3-D tensors (all
+    experts of a layer at once), which a per-matrix selection cannot express. Adapt them with
+    LoRA on ``target_parameters`` instead. Shared experts (``shared_expert(s)``) are ordinary
+    linear layers and are ranked.
+    """
+    return bool(re.search(r"(^|\.)experts\.(\d+\.)?[^.]+(\.weight)?$", name))
+
+
 def select(results: Iterable[MatrixSnr], top: float) -> list[MatrixSnr]:
     """The top ``int(len · top / 100)`` matrices by SNR in each module type, in name order.
 

@@ -20,9 +20,9 @@ import safetensors
 from lorakit._fs import atomic_write_text
 from lorakit.errors import LorakitError
 from lorakit.models import cache_dir
-from lorakit.spectrum.ranking import MatrixSnr, module_type, snr_from_singular_values, svdvals
+from lorakit.spectrum.ranking import MatrixSnr, is_expert_weight, module_type, snr_from_singular_values, svdvals
 
-_CACHE_VERSION = 1  # bump when the SNR definition changes: old cache entries are then ignored
+_CACHE_VERSION = 2  # bump when the SNR definition or the ranked set changes: old cache entries are then ignored
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -36,6 +36,15 @@ def _shard_files(folder: Path) -> list[Path]:
     if not files:
         raise LorakitError(f"{folder}: no *.safetensors weights to scan (Spectrum reads safetensors only)")
     return files
+
+
+def excluded_experts(folder: str | Path) -> int:
+    """How many routed-expert tensors of a safetensors model folder Spectrum leaves unranked."""
+    count = 0
+    for f in _shard_files(Path(folder)):
+        with safetensors.safe_open(f, framework="pt") as sf:
+            count += sum(is_expert_weight(name) for name in sf.keys())
+    return count
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -83,7 +92,7 @@ def scan(folder: str | Path, *, progress: Progress | None = None, cache_dir: str
         with safetensors.safe_open(f, framework="pt") as sf:
             for name in sf.keys():
                 kind = module_type(name)
-                if kind is not None and len(sf.get_slice(name).get_shape()) == 2:
+                if kind is not None and len(sf.get_slice(name).get_shape()) == 2 and not is_expert_weight(name):
                     todo.append((f, name, *kind))
     if not todo:
         raise LorakitError(f"{folder}: no per-layer 2-D weights (names like model.layers.N.….weight) to rank")

@@ -122,7 +122,7 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
         save_config(config, output / "config.yaml")
     torch.manual_seed(config.train.seed)
     with dist.main_first():  # the Spectrum scan is cached per model
-        targets = resolve_targets(config, say)
+        targets = resolve_targets(config, say, model)
     if resume_from is not None:
         _check_compatible(config, resume_from, print if dist.is_main else say)  # a warning even when quiet
     if config.adapter.method == "spectrum":
@@ -215,8 +215,9 @@ def _batching(config: RunConfig, model: torch.nn.Module, device: torch.device, r
                                               "run started: the checkpoint's batch plan")
 
 
-def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
-    """The adapter's target modules, with ``spectrum:N`` replaced by the modules Spectrum selects.
+def resolve_targets(config: RunConfig, say=print, model: torch.nn.Module | None = None) -> list[str] | str:
+    """The adapter's target modules, with ``spectrum:N`` replaced by the modules Spectrum selects
+    (for LoRA on ``model``: only those LoRA can wrap — an MoE router is a matrix, not a linear layer).
 
     The scan reads the base model's safetensors one matrix at a time and is cached per model,
     so only the first run on a model pays for it (SmolLM2-135M: a few seconds).
@@ -233,6 +234,15 @@ def resolve_targets(config: RunConfig, say=print) -> list[str] | str:
         raise LorakitError(f"adapter.targets: spectrum:{top:g} selects no matrix of {config.model} "
                            f"(int(layers × {top:g} / 100) is 0 in every module type); raise the percentage")
     say(f"spectrum:{top:g}: {len(modules)} of {len(results)} matrices selected by signal-to-noise ratio")
+    if model is not None and config.adapter.method != "spectrum":
+        from lorakit.adapters.lora import is_linear
+
+        kept = [m for m in modules if is_linear(model.get_submodule(m))]
+        if len(kept) < len(modules):
+            say(f"spectrum:{top:g}: {len(modules) - len(kept)} selected matrices are not linear layers (e.g. "
+                f"{next(m for m in modules if m not in kept)}, a router) and get no LoRA; "
+                "adapter.target_parameters can name them")
+        modules = kept
     return modules
 
 
