@@ -4,7 +4,8 @@ Ranks, alpha, targets, variant, parameter count, file size, base model, and whet
 default ``--max-lora-rank`` (16) accepts it. Multi-adapter folders list each adapter.
 
 ``--for vllm|lorax`` checks what that server needs (rank limit, no DoRA / ``modules_to_save`` /
-trained biases for vLLM, known target modules for LoRAX) and exits 1 when the adapter would be
+trained biases for vLLM, and for expert LoRA whether vLLM reads PEFT's fused layout for the base
+model's architecture; known target modules for LoRAX) and exits 1 when the adapter would be
 refused or do nothing there.
 """
 
@@ -15,6 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+VLLM_FUSED_EXPERT_LORA = frozenset({  # vLLM model classes with is_3d_moe_weight = True (vllm/model_executor/models)
+    "GptOssForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+    "Glm4MoeLiteForCausalLM", "InternS1ProForConditionalGeneration"})
+"""Architectures for which vLLM reads expert LoRA in PEFT's fused 3-D layout; for every other MoE
+model its expert LoRA expects one 2-D adapter per expert (``experts.<e>.gate_proj`` …)."""
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""
@@ -64,6 +70,8 @@ def serving_check(report: dict[str, Any], server: str) -> dict[str, Any]:
             problems.append(f"vLLM refuses modules_to_save ({', '.join(report['modules_to_save'])}): merge instead")
         if report.get("bias", "none") != "none" or report.get("lora_bias"):
             problems.append("trained biases: vLLM refuses them (or needs --enable-lora-bias); train with bias: none")
+        if report.get("expert_targets"):
+            _vllm_experts(report, problems, notes)
     else:
         unknown = [t for t in report["targets"] if t not in LORAX_MODULES]
         if unknown and len(unknown) == len(report["targets"]):
@@ -75,6 +83,28 @@ def serving_check(report: dict[str, Any], server: str) -> dict[str, Any]:
         if report["variant"].endswith("DoRA"):
             notes.append("DoRA: check that your LoRAX version serves it, or merge")
     return {"server": server, "ok": not problems, "problems": problems, "notes": notes}
+
+
+def _vllm_experts(report: dict[str, Any], problems: list[str], notes: list[str]) -> None:
+    """What vLLM makes of expert LoRA in PEFT's fused layout (``….experts.base_layer`` = gate_up_proj,
+    ``….experts`` = down_proj, A (r·E, in), B (out, r·E)), for the base model's architecture."""
+    layout = (f"expert LoRA on {', '.join(report['expert_targets'])} ({report['experts']} experts) in PEFT's fused "
+              "3-D layout")
+    arch = report.get("base_architecture")
+    needs = "vLLM's FusedMoE LoRA (0.11.2 or later) without expert parallelism"
+    if arch in VLLM_FUSED_EXPERT_LORA:
+        notes.append(f"{layout}: vLLM reads this layout for {arch} (a model it keeps with fused experts); needs {needs}")
+        return
+    per_expert = ("vLLM expects per-expert 2-D LoRA for it (….experts.<e>.gate_proj / up_proj / down_proj, every "
+                  "expert) unless started with --enable-mixed-moe-lora-format and the adapter declared is_3d_lora_weight "
+                  "(recent vLLM); lorakit does not write the per-expert layout — merge (lorakit merge) and serve the "
+                  "merged model, or serve the adapter with lorakit serve")
+    if arch is None:
+        notes.append(f"{layout}: vLLM reads it as is only for models it keeps with fused experts "
+                     f"({', '.join(sorted(VLLM_FUSED_EXPERT_LORA))}); for other MoE models {per_expert}. The base "
+                     "model's architecture is not known here (base_model_name_or_path is no local folder)")
+    else:
+        problems.append(f"{layout}: {arch} is not one of the models vLLM keeps with fused experts; {per_expert}")
 
 
 def inspect_folder(folder: Path) -> list[dict[str, Any]]:
@@ -93,14 +123,22 @@ def inspect_folder(folder: Path) -> list[dict[str, Any]]:
 def inspect_adapter(name: str, folder: Path) -> dict[str, Any]:
     """Facts about one adapter folder, from its config and the safetensors header."""
     from lorakit.adapters.config import LoraConfig
-    from lorakit.adapters.peft_format import read_shapes, split_file_key
+    from lorakit.adapters.peft_format import file_parameters, parameter_rank, read_shapes, split_file_key
 
     config = LoraConfig.load(folder)
     shapes, path = read_shapes(folder)
     parts = {key: split for key in shapes if (split := split_file_key(key)) is not None}  # key -> (module, part)
-    ranks = sorted({shapes[key][0] for key, (_, part) in parts.items() if part in ("lora_A", "lora_embedding_A")})
     modules = sorted({module for module, _ in parts.values()})
-    module_types = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    parameters = file_parameters(modules, config.target_parameters)  # file module -> targeted parameter
+    ranks, experts = set(), {}
+    for key, (module, part) in parts.items():
+        if part in ("lora_A", "lora_embedding_A"):
+            rank, count = parameter_rank(config, parameters.get(module), shapes[key][0])
+            ranks.add(rank)
+            if count > 1:  # r·E rows: expert weights, LoRA of rank r per expert
+                experts[parameters[module]] = count
+    ranks = sorted(ranks)
+    module_types = sorted({_type_name(parameters[m]) if m in parameters else m.rsplit(".", 1)[-1] for m in modules})
     dora = config.use_dora or any(part == "lora_magnitude_vector" for _, part in parts.values())
     variant = "DoRA" if dora else "LoRA"
     if config.use_rslora:
@@ -116,15 +154,41 @@ def inspect_adapter(name: str, folder: Path) -> dict[str, Any]:
         "rank_pattern": config.rank_pattern,
         "targets": module_types,
         "adapted_modules": len(modules),
+        "target_parameters": config.target_parameters or [],
+        "expert_targets": sorted({_type_name(p) for p in experts}),
+        "expert_tensors": len(experts),
+        "experts": max(experts.values(), default=0),
         "modules_to_save": config.modules_to_save or [],
         "bias": config.bias,
         "lora_bias": bool(getattr(config, "lora_bias", False)),
         "parameters": sum(_numel(s) for s in shapes.values()),
         "file_bytes": path.stat().st_size,
         "base_model": config.base_model_name_or_path,
+        "base_architecture": _architecture(config.base_model_name_or_path),
         "vllm_default_max_lora_rank_ok": max_rank <= VLLM_DEFAULT_MAX_LORA_RANK,
         "vllm_note": _vllm_note(max_rank, dora, config),
     }
+
+
+def _architecture(base: str | None) -> str | None:
+    """The base model's architecture when it is a local folder with a config (nothing is downloaded)."""
+    path = Path(base) / "config.json" if base else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        architectures = json.loads(path.read_text()).get("architectures") or [None]
+    except (OSError, ValueError):
+        return None
+    return architectures[0]
+
+
+def _type_name(name: str) -> str:
+    """``self_attn.q_proj`` for a module, ``mlp.experts.gate_up_proj`` for a parameter: the name after the
+    layer index (or the last part when there is none)."""
+    import re
+
+    match = re.match(r"^.*?\.\d+\.(.+)$", name)
+    return match.group(1) if match else name.rsplit(".", 1)[-1]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -155,6 +219,9 @@ def _format(report: dict[str, Any]) -> str:
         ("rank", ", ".join(map(str, report["ranks"])) or "-"),
         ("alpha", f"{report['lora_alpha']:g}" + (f"  pattern {report['alpha_pattern']}" if report["alpha_pattern"] else "")),
         ("targets", f"{', '.join(report['targets'])}  ({report['adapted_modules']} modules)"),
+        *([("expert LoRA", f"{', '.join(report['expert_targets'])}: {report['experts']} experts, rank per expert "
+                           f"{', '.join(map(str, report['ranks']))} ({report['expert_tensors']} tensors, PEFT's "
+                           "target_parameters layout)")] if report.get("expert_targets") else []),
         ("modules_to_save", ", ".join(report["modules_to_save"]) or "-"),
         ("parameters", f"{report['parameters']:,d}"),
         ("file size", _human_bytes(report["file_bytes"])),
