@@ -263,3 +263,59 @@ def test_cli_combine_writes_an_adapter_and_refuses_to_overwrite(tmp_path, capsys
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "mix/adapter_model.safetensors").read_bytes() == before
     assert main([*args, "--force", "--seed", "3"]) == 0
+
+
+# -- mixture-of-experts: expert weights (target_parameters) -------------------------------------------
+
+
+def _expert_adapters():
+    from moe_models import make_moe
+
+    model = make_moe("qwen3_moe")
+    add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False), "a")
+    add_adapter(model, LoraConfig(r=3, lora_alpha=3, use_rslora=True, target_modules="all-linear",
+                                  init_lora_weights=False), "b", activate=False)
+    return model
+
+
+@pytest.mark.parametrize("method,rank", [("cat", None), ("linear", None), ("svd", 10)])  # gate_up: 2·2 + 2·3
+def test_expert_adapters_combine_exactly(method, rank):
+    """Per expert, ΔW = Σ wᵢ ΔWᵢ (svd at rank Σ r is exact); the result is in PEFT's expert layout."""
+    from moe_models import moe_ids
+
+    model = _expert_adapters()
+    weights = [0.6, -1.3]
+    result = combine_adapters(model, ["a", "b"], "ab", weights, method=method, rank=rank)
+    expected = _expected_sum(model, ["a", "b"], weights)
+    got = _deltas(model, "ab")
+    experts = [m for m in got if got[m].dim() == 3]
+    assert len(experts) == 4 and set(got) == set(expected)  # 2 layers × (gate_up, down), plus attention, router
+    for module, want in expected.items():
+        torch.testing.assert_close(got[module], want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert result.config.target_parameters == ["down_proj", "gate.weight", "gate_up_proj"]
+    if method == "cat":  # cat with unit weights == both adapters active
+        combine_adapters(model, ["a", "b"], "both", method="cat")
+        set_active(model, ["a", "b"])
+        ids = moe_ids()
+        expected_logits = logits(model, ids)
+        set_active(model, ["both"])
+        torch.testing.assert_close(logits(model, ids), expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_combined_expert_folder_loads_in_peft(tmp_path):
+    from moe_models import make_moe, moe_ids
+
+    model = _expert_adapters()
+    save_adapter(model, tmp_path / "in")
+    result = combine_folders([tmp_path / "in/a", tmp_path / "in/b"], tmp_path / "ab", [1.0, 0.5], method="linear")
+    assert result.min_kept_energy == pytest.approx(1.0)
+    ours = make_moe("qwen3_moe")
+    load_adapter(ours, tmp_path / "ab")
+    want = _expected_sum(model, ["a", "b"], [1.0, 0.5])
+    for module, delta in _deltas(ours, "default").items():
+        torch.testing.assert_close(delta, want[module], rtol=0, atol=1e-5 * float(want[module].abs().max()))
+    ids = moe_ids()
+    torch.testing.assert_close(logits(peft_load(make_moe("qwen3_moe"), tmp_path / "ab"), ids), logits(ours, ids),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(LorakitError, match="ties on expert weights.*cat, linear or svd"):
+        combine_folders([tmp_path / "in/a", tmp_path / "in/b"], tmp_path / "t", method="ties")

@@ -29,12 +29,16 @@ What is notable:
   cross terms ``Bᵢ Aⱼ``) and its rsLoRA result is √r too strong; everything here is on ΔW.
 - Adapters may target different modules (a module an adapter lacks counts as ΔW = 0), except for
   ``linear``, which asks for identical targets so that a typo'd adapter is not silently half-used.
+- Mixture-of-experts expert weights (``target_parameters``): each expert's updates combine on
+  their own, with one rank for all experts, and go back into PEFT's layout; cat, linear and svd
+  only (the others would form every expert's full ΔW).
 - Refused with a clear message: DoRA adapters, ``modules_to_save``, trained base biases.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from torch import nn
 from lorakit._fs import atomic_folder
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraEmbedding, LoraLinear
+from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, part_file_key, read_factors
 from lorakit.errors import LorakitError
 
@@ -62,7 +67,13 @@ class Combined:
     B: torch.Tensor
     bias: torch.Tensor | None
     embedding: bool
-    kept_energy: float  # ‖kept‖²/‖full‖² of the rank-K refactoring (1.0 when exact)
+    kept_energy: float  # ‖kept‖²/‖full‖² of the rank-K refactoring (1.0 when exact; experts: the least)
+    experts: int = 1
+    parameter: str | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0] // self.experts
 
 
 # -- the math, per module ----------------------------------------------------------------------
@@ -120,12 +131,14 @@ def combine_module(name: str, parts: Sequence[Factors | None], weights: Sequence
         Factors with scaling 1 whose product is the combined ΔW (in PEFT's layout).
     """
     present = [(p, w) for p, w in zip(parts, weights) if p is not None]
+    if present[0][0].experts > 1:
+        return _combine_experts(name, present, method, rank)
     embedding = present[0][0].embedding
     bias = _combined_bias(present)
     if method == "cat":
         A = torch.cat([p.A.double() for p, _ in present])  # (Σr, in)
         B = torch.cat([p.B.double() * (w * p.scale) for p, w in present], dim=1)  # (out, Σr)
-        return Combined(A, B, bias, embedding, 1.0)
+        return Combined(A, B, bias, embedding, 1.0, parameter=present[0][0].parameter)
     total_rank = sum(p.rank for p, _ in present)
     if rank is None:
         rank = total_rank if method == "linear" else max(p.rank for p, _ in present)
@@ -138,7 +151,24 @@ def combine_module(name: str, parts: Sequence[Factors | None], weights: Sequence
     kept = float((S[:k] ** 2).sum()) / energy if energy > 0 else 1.0
     root = S[:k].sqrt()
     # √S on each side: both factors of similar size, which suits further training.
-    return Combined(root[:, None] * Vh[:k], U[:, :k] * root, bias, embedding, kept)
+    return Combined(root[:, None] * Vh[:k], U[:, :k] * root, bias, embedding, kept, parameter=present[0][0].parameter)
+
+
+def _combine_experts(name: str, present: list[tuple[Factors, float]], method: str, rank: int | None) -> Combined:
+    """Expert weights: each expert's updates combined on their own (the same rank K for all), then
+    stacked back into PEFT's layout — A (K·E, in) expert-major, B (out, K·E) rank-major."""
+    if method not in ("cat", "linear", "svd"):
+        raise LorakitError(f"{name}: {method} on expert weights would form every expert's full ΔW; combine "
+                           "adapters with expert LoRA by cat, linear or svd")
+    experts = present[0][0].experts
+    if any(p.experts != experts for p, _ in present):
+        raise LorakitError(f"{name}: the adapters have different numbers of experts; they belong to different bases")
+    weights = [w for _, w in present]
+    per_expert = [combine_module(name, [p.expert(e) for p, _ in present], weights, method, rank)
+                  for e in range(experts)]
+    A = torch.cat([c.A for c in per_expert])  # (E·K, in)
+    B = torch.stack([c.B for c in per_expert], dim=-1).flatten(1)  # (out, K, E) -> (out, K·E)
+    return Combined(A, B, None, False, min(c.kept_energy for c in per_expert), experts, present[0][0].parameter)
 
 
 def _combined_bias(present: list[tuple[Factors, float]]) -> torch.Tensor | None:
@@ -312,7 +342,7 @@ def _module_order(parts: list[dict[str, Factors]]) -> list[str]:
 
 def _combined_config(configs: list[LoraConfig], parts: list[dict[str, Factors]],
                      modules: dict[str, Combined]) -> LoraConfig:
-    ranks = {name: c.A.shape[0] for name, c in modules.items()}
+    ranks = {c.parameter or name: c.rank for name, c in modules.items()}  # parameters: their patterns apply
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
@@ -320,12 +350,15 @@ def _combined_config(configs: list[LoraConfig], parts: list[dict[str, Factors]],
     pattern = {name: rk for name, rk in ranks.items() if rk != r}
     first = configs[0]
     same_targets = all(set(p) == set(modules) for p in parts) and all(
-        (c.target_modules, c.exclude_modules, c.layers_to_transform, c.layers_pattern)
-        == (first.target_modules, first.exclude_modules, first.layers_to_transform, first.layers_pattern)
-        for c in configs)
+        (c.target_modules, c.exclude_modules, c.layers_to_transform, c.layers_pattern, c.target_parameters)
+        == (first.target_modules, first.exclude_modules, first.layers_to_transform, first.layers_pattern,
+            first.target_parameters) for c in configs)
+    parameters = [c.parameter for c in modules.values() if c.parameter]
     selection = dict(target_modules=first.target_modules, exclude_modules=first.exclude_modules,
-                     layers_to_transform=first.layers_to_transform, layers_pattern=first.layers_pattern) \
-        if same_targets else dict(target_modules=list(modules))
+                     layers_to_transform=first.layers_to_transform, layers_pattern=first.layers_pattern,
+                     target_parameters=first.target_parameters) \
+        if same_targets else dict(target_modules=[n for n, c in modules.items() if not c.parameter],
+                                  target_parameters=parameters or None)
     return LoraConfig(
         r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
         lora_dropout=first.lora_dropout, fan_in_fan_out=first.fan_in_fan_out, task_type=first.task_type,
@@ -346,7 +379,11 @@ def model_factors(model: nn.Module, name: str) -> tuple[LoraConfig, dict[str, Fa
         raise LorakitError(f"no adapter named {name!r} (loaded: {', '.join(configs) or 'none'})")
     factors = {}
     for module, layer in named_adapter_layers(model):
-        if isinstance(layer, LoraLinear) and name in layer.lora_A:
+        if isinstance(layer, LoraParameter) and name in layer.lora_A:
+            parameter = f"{re.sub(r'(.base_layer)+$', '', module)}.{layer.parameter_name}"
+            factors[module] = Factors(layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(),
+                                      layer.scaling[name], experts=layer.num_experts, parameter=parameter)
+        elif isinstance(layer, LoraLinear) and name in layer.lora_A:
             B = layer.lora_B[name]
             bias = None if B.bias is None else B.bias.detach()
             factors[module] = Factors(layer.lora_A[name].weight.detach(), B.weight.detach(), layer.scaling[name], bias)
