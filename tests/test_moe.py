@@ -220,8 +220,19 @@ def test_two_adapters_on_the_experts_add_up_and_switch():
 def test_refused_with_a_message(kwargs, message):
     arch = "gpt_oss" if "bias" in str(kwargs.get("target_parameters")) else "qwen3_moe"
     model = make_moe(arch)
+    before = dict(model.named_modules())
     with pytest.raises(LorakitError, match=message):
         add_adapter(model, LoraConfig(**kwargs))
+    assert dict(model.named_modules()) == before  # refused before any layer changed
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_a_parameter_of_a_module_also_in_target_modules_is_refused_first():
+    model = make_moe("qwen3_moe")
+    before = dict(model.named_modules())
+    with pytest.raises(LorakitError, match="also targeted by target_modules"):
+        add_adapter(model, LoraConfig(target_modules=["v_proj"], target_parameters=["self_attn.v_proj.weight"]))
+    assert dict(model.named_modules()) == before
 
 
 def test_target_parameters_must_be_a_list_and_the_same_across_adapters():

@@ -77,22 +77,15 @@ def add_adapter(
         raise LorakitError("only one adapter per model may train base biases (bias='all' or 'lora_only')")
     config, targets, parameters = resolve_config(model, config, strict=strict_targets)
     parameter_targets.check_same_parameters(configs, config, name)
+    parameter_targets.check_parameters(model, parameters, lambda key: _options(config, key), targets)  # before any change
     for module_name in targets:
         layer = _ensure_lora_layer(model, module_name)
         if getattr(layer, "fan_in_fan_out", False):
             config.fan_in_fan_out = True  # GPT-2 Conv1D: PEFT records it the same way
-        layer.add(name, AdapterOptions(
-            r=config.rank_for(module_name), alpha=config.alpha_for(module_name), dropout=config.lora_dropout,
-            use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
-            use_dora=config.use_dora,
-        ))
+        layer.add(name, _options(config, module_name))
     for module_name, param_name, key in parameters:
         layer = parameter_targets.ensure_parameter_layer(model, module_name, param_name)
-        layer.add(name, AdapterOptions(
-            r=config.rank_for(key), alpha=config.alpha_for(key), dropout=config.lora_dropout,
-            use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
-            use_dora=config.use_dora,
-        ))
+        layer.add(name, _options(config, key))
     for module_name in _find_modules_to_save(model, config):
         wrapper = _get(model, module_name)
         if not isinstance(wrapper, ModulesToSave):
@@ -105,6 +98,15 @@ def add_adapter(
     else:
         refresh_trainable(model)
     return targets + [key for _, _, key in parameters]
+
+
+def _options(config: LoraConfig, name: str) -> AdapterOptions:
+    """The options of ``config`` on the module (or parameter) ``name``, rank/alpha patterns applied."""
+    return AdapterOptions(
+        r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout,
+        use_rslora=config.use_rslora, init=config.init_lora_weights, lora_bias=config.lora_bias,
+        use_dora=config.use_dora,
+    )
 
 
 def resolve_config(model: nn.Module, config: LoraConfig,

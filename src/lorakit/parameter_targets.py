@@ -172,6 +172,23 @@ def _outer_name(module_name: str) -> str:
     return re.sub(r"(\.base_layer)+$", "", module_name)
 
 
+def check_parameters(model: nn.Module, parameters: list[tuple[str, str, str]], options,
+                     modules: list[str] = ()) -> None:
+    """Raise, before anything changes, if a targeted parameter cannot carry LoRA with its options
+    (``options(key)``) or sits on a module that ``target_modules`` adapts too (``modules``)."""
+    from lorakit.adapters.lora import LoraLayer
+    from lorakit.adapters.parameter import check_options, check_target
+
+    for module_name, param_name, key in parameters:
+        module = model.get_submodule(module_name)
+        if module_name in modules or isinstance(innermost(module), LoraLayer) or (
+                isinstance(module, LoraLayer) and not isinstance(module, LoraParameter)):
+            raise LorakitError(f"{module_name}: parameter {param_name!r} is targeted by target_parameters but the "
+                               "module is also targeted by target_modules; target it one way only (as PEFT requires)")
+        check_target(innermost(module), param_name)
+        check_options(options(key), param_name)
+
+
 def ensure_parameter_layer(model: nn.Module, module_name: str, param_name: str) -> LoraParameter:
     """The :class:`LoraParameter` for ``param_name`` at ``module_name`` (created as the new outermost
     wrapper if there is none yet)."""

@@ -48,28 +48,15 @@ class LoraParameter(LoraLayer):
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
         self.parameter_name = parameter_name
-        param = getattr(innermost(base_layer), parameter_name, None)
-        if not isinstance(param, nn.Parameter):
-            raise LorakitError(f"{type(innermost(base_layer)).__name__} has no parameter {parameter_name!r}")
         module = innermost(base_layer)
+        check_target(module, parameter_name)
+        param = getattr(module, parameter_name)
         if param.dim() == 3:
-            if not experts.is_interface_experts(module) or parameter_name not in experts.weight_names(module):
-                raise LorakitError(
-                    f"target parameter {parameter_name!r} of {type(module).__name__} is 3-D but that module does not "
-                    "run through transformers' experts interface (@use_experts_implementation), so lorakit "
-                    "cannot apply LoRA to the tokens routed to each expert (and does not materialise ΔW for "
-                    "all experts); target its 2-D parameters or linear layers instead")
             self.num_experts, a, b = param.shape
             self.in_features, self.out_features = (a, b) if module.is_transposed else (b, a)
-        elif param.dim() == 2:
-            if experts.is_interface_experts(module):
-                raise LorakitError(f"target parameter {parameter_name!r} of {type(module).__name__}: on an experts "
-                                   f"module only the weights {', '.join(experts.weight_names(module))} can be targeted")
+        else:
             self.num_experts = 1
             self.out_features, self.in_features = param.shape
-        else:
-            raise LorakitError(f"target parameter {parameter_name!r} of {type(module).__name__} has {param.dim()} "
-                               "dimensions; LoRA on a parameter needs a 2-D weight or 3-D expert weights")
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.replaced_implementation: str | None = None  # the experts implementation before lorakit's
@@ -95,19 +82,7 @@ class LoraParameter(LoraLayer):
     # -- adapters ------------------------------------------------------------------------------
 
     def _create(self, name: str, options: AdapterOptions) -> None:
-        where = f"target parameter {self.parameter_name!r}"
-        if options.dropout > 0:
-            raise LorakitError(f"{where}: lora_dropout must be 0 on target parameters (PEFT refuses it there and "
-                               f"could not load the adapter); got {options.dropout}")
-        if options.lora_bias:
-            raise LorakitError(f"{where}: lora_bias is not supported on target parameters (nor by PEFT)")
-        if options.use_dora:
-            raise LorakitError(f"{where}: DoRA is not supported on target parameters (PEFT does not implement it "
-                               "for target_parameters either, so no tool could load the adapter); use plain LoRA "
-                               "on the experts, or DoRA on target_modules only")
-        if isinstance(options.init, str) and options.init not in ("kaiming", "gaussian"):
-            raise LorakitError(f"{where}: init {options.init!r} is not supported on target parameters "
-                               "(use kaiming or gaussian)")
+        check_options(options, self.parameter_name)
         rank = options.r * self.num_experts
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False)
@@ -219,6 +194,46 @@ class LoraParameter(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}; " + super().extra_repr()
+
+
+def check_target(module: nn.Module, parameter_name: str) -> None:
+    """Raise unless ``module.parameter_name`` can carry LoRA: a 2-D weight of any module, or an expert
+    weight of an experts module that transformers' experts interface serves."""
+    param = getattr(module, parameter_name, None)
+    kind = type(module).__name__
+    if not isinstance(param, nn.Parameter):
+        raise LorakitError(f"{kind} has no parameter {parameter_name!r}")
+    if param.dim() == 3:
+        if not experts.is_interface_experts(module) or parameter_name not in experts.weight_names(module):
+            raise LorakitError(
+                f"target parameter {parameter_name!r} of {kind} is 3-D but that module does not run through "
+                "transformers' experts interface (@use_experts_implementation), so lorakit cannot apply LoRA to "
+                "the tokens routed to each expert (and does not materialise ΔW for all experts); target its 2-D "
+                "parameters or linear layers instead")
+    elif param.dim() == 2:
+        if experts.is_interface_experts(module):
+            raise LorakitError(f"target parameter {parameter_name!r} of {kind}: on an experts module only the "
+                               f"weights {', '.join(experts.weight_names(module))} can be targeted")
+    else:
+        raise LorakitError(f"target parameter {parameter_name!r} of {kind} has {param.dim()} dimensions; LoRA on "
+                           "a parameter needs a 2-D weight or 3-D expert weights")
+
+
+def check_options(options: AdapterOptions, parameter_name: str) -> None:
+    """Raise for what LoRA on a parameter does not support (as in PEFT, whose file it must stay)."""
+    where = f"target parameter {parameter_name!r}"
+    if options.dropout > 0:
+        raise LorakitError(f"{where}: lora_dropout must be 0 on target parameters (PEFT refuses it there and "
+                           f"could not load the adapter); got {options.dropout}")
+    if options.lora_bias:
+        raise LorakitError(f"{where}: lora_bias is not supported on target parameters (nor by PEFT)")
+    if options.use_dora:
+        raise LorakitError(f"{where}: DoRA is not supported on target parameters (PEFT does not implement it "
+                           "for target_parameters either, so no tool could load the adapter); use plain LoRA "
+                           "on the experts, or DoRA on target_modules only")
+    if isinstance(options.init, str) and options.init not in ("kaiming", "gaussian"):
+        raise LorakitError(f"{where}: init {options.init!r} is not supported on target parameters "
+                           "(use kaiming or gaussian)")
 
 
 def innermost(module: nn.Module) -> nn.Module:
