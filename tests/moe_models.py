@@ -25,7 +25,7 @@ def tiny_moe_config(arch: str, experts: int = 4, top_k: int = 2):
     if arch == "olmoe":
         return tf.OlmoeConfig(intermediate_size=16, num_experts=experts, pad_token_id=0, eos_token_id=1, **common)
     if arch == "gpt_oss":
-        return tf.GptOssConfig(intermediate_size=16, num_local_experts=experts, head_dim=8, sliding_window=16,
+        return tf.GptOssConfig(intermediate_size=16, num_local_experts=experts, head_dim=8, sliding_window=32,
                                layer_types=["sliding_attention", "full_attention"],
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
     if arch == "qwen2_moe":

@@ -55,6 +55,8 @@ class ExpertUpdate:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    tokens: torch.Tensor | None = None
+    """(N,) bool: the tokens this update applies to (a multi-adapter batch); None: all of them."""
 
 
 def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,9 +160,9 @@ def experts_forward(
     ids = sorted_ids[:routed]
     up, down = weight_names(self)
     rows = perm[:routed] // top_k  # each pair's token: the up branch re-gathers x from these in backward
-    y = _expert_linear(self, up, x, offsets, ids, updates.get(up, ()), hidden_states, rows)  # (S', 2I) or (S', I)
+    y = _expert_linear(self, up, x, offsets, ids, updates.get(up, ()), rows, hidden_states)  # (S', 2I) or (S', I)
     y = self._apply_gate(y) if self.has_gate else self.act_fn(y)
-    y = _expert_linear(self, down, y, offsets, ids, updates.get(down, ()))  # (S', H)
+    y = _expert_linear(self, down, y, offsets, ids, updates.get(down, ()), rows)  # (S', H)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
     y = y * top_k_weights.reshape(-1)[perm[:routed]].unsqueeze(-1)
@@ -173,10 +175,11 @@ def experts_forward(
 
 
 def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
-                   updates: list[ExpertUpdate] | tuple[()], source: torch.Tensor | None = None,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W_eᵀ + b_e + Σ s·(x A_eᵀ) B_eᵀ`` for rows grouped by expert (``offsets``: group ends);
-    ``x = source[rows]`` when given (the branch then keeps ``source``, not ``x``, for backward)."""
+                   updates: list[ExpertUpdate] | tuple[()], rows: torch.Tensor,
+                   source: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W_eᵀ + b_e + Σ s·(x A_eᵀ) B_eᵀ`` for pairs grouped by expert (``offsets``: group ends;
+    ``rows``: each pair's token). With ``source`` (the layer's tokens, ``x = source[rows]``) the
+    branch keeps ``source`` rather than ``x`` for backward."""
     weight = getattr(module, name)
     weight = weight if module.is_transposed else weight.transpose(-2, -1)  # (E, in, out)
     y = grouped_mm(x.to(weight.dtype), weight, offsets)  # (S', out)
@@ -184,8 +187,15 @@ def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch
         y = y + getattr(module, f"{name}_bias")[ids]
     for update in updates:
         dtype = _branch_dtype(x, update.A)
-        branch_in, branch_rows = (x, None) if source is None else (source, rows)
-        z = ExpertLoraFn.apply(branch_in, branch_rows, update.A, update.B, offsets, update.scaling, dtype)
+        if update.tokens is not None:  # a multi-adapter batch: this adapter's pairs only
+            pairs = update.tokens[rows].nonzero().squeeze(1)  # still grouped by expert
+            counts = torch.bincount(ids[pairs], minlength=offsets.numel())
+            z = ExpertLoraFn.apply(x[pairs], None, update.A, update.B, counts.cumsum(0, dtype=torch.int32),
+                                   update.scaling, dtype)
+            y = y.index_add(0, pairs, z.to(y.dtype))
+            continue
+        z = ExpertLoraFn.apply(x if source is None else source, None if source is None else rows, update.A,
+                               update.B, offsets, update.scaling, dtype)
         y = y + z.to(y.dtype)
     return y
 

@@ -28,6 +28,10 @@ that start is computed once (the choices of a multiple-choice question, a common
 Logprobs (:mod:`lorakit.serve.logprobs`): ``SamplingParams.logprobs`` for generated tokens,
 ``prompt_logprobs`` for the prompt's (computed in the same batched prefill as everything else).
 
+Mixture-of-experts models: adapters with LoRA on the experts (PEFT's ``target_parameters``) are
+served per row too — the routed base computation once, each adapter's rank-r terms on its rows'
+(token, expert) pairs (:mod:`lorakit.serve.experts`).
+
 Not served (refused with a message when loading): ``lora_bias``, ``modules_to_save``, DoRA on an
 embedding. Merge those into the base with ``lorakit merge``.
 """
@@ -83,6 +87,9 @@ class Engine:
             evicting the least recently used.
         max_rank: the largest adapter rank accepted (slots are this wide).
         target_modules: modules that can carry adapters (``all-linear``, names or a regex).
+        target_parameters: 2-D parameters (routers) that can carry adapters, as PEFT's
+            ``target_parameters`` (default: those PEFT's MoE rule derives from ``target_modules``);
+            the experts of an MoE model can always carry them.
         max_context: the context length enforced per request (default: the model's).
         max_prefill_tokens: padded prompt tokens prefilled in one step at most (at least one
             request is always admitted).
@@ -93,7 +100,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_resident: int = 8,
                  max_rank: int = 16, target_modules: list[str] | str = "all-linear",
                  max_context: int | None = None, max_prefill_tokens: int = 8192,
-                 strategy: str = "grouped", prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 strategy: str = "grouped", prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 target_parameters: list[str] | None = None) -> None:
         if strategy not in ("grouped", "gather"):
             raise LorakitError(f"strategy must be 'grouped' or 'gather', got {strategy!r}")
         if max_batch < 1:
@@ -101,7 +109,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.registry = AdapterRegistry(model, max_resident=max_resident, max_rank=max_rank,
-                                        target_modules=target_modules)
+                                        target_modules=target_modules, target_parameters=target_parameters)
         self.device = next(model.parameters()).device
         self.vocab = model.get_input_embeddings().num_embeddings
         self.max_batch, self.max_prefill_tokens, self.strategy = max_batch, max_prefill_tokens, strategy

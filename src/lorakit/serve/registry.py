@@ -22,6 +22,10 @@ the engine calls from its own loop between forwards, so a forward never reads a 
 Removing an adapter that running requests still use takes it off the known list at once (new
 requests fail) and frees its slot when the last of them finishes.
 
+Target parameters (MoE expert weights, routers) are served by the layers of
+:mod:`lorakit.serve.experts`, installed for every experts module and for the parameters that
+``target_modules`` selects under PEFT's MoE rule (or ``target_parameters``).
+
 Refused with a clear message (never served wrongly): ``lora_bias``,
 ``modules_to_save``, DoRA on an embedding, modules outside the engine's targets, ranks above
 ``max_rank``, NaN/inf weights.
@@ -41,10 +45,11 @@ from torch import nn
 from lorakit.adapters import dora
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layout import features, is_linear, out_in
-from lorakit.adapters.peft_format import module_scaling, part_file_key, read_adapter, without_prefix
+from lorakit.adapters.peft_format import file_parameters, module_scaling, part_file_key, read_adapter, without_prefix
 from lorakit.errors import LorakitError
 from lorakit.inject import check_adapter_name, find_targets, set_submodule
 from lorakit.serve.embedding import BatchedLoraEmbedding
+from lorakit.serve.experts import check_parameter, install_parameters
 from lorakit.serve.layers import NO_ADAPTER, BatchedLoraLinear, SlotContext
 
 
@@ -98,12 +103,16 @@ class AdapterRegistry:
     """
 
     def __init__(self, model: nn.Module, max_resident: int = 8, max_rank: int = 16,
-                 target_modules: list[str] | str = "all-linear", dtype: torch.dtype | None = None) -> None:
+                 target_modules: list[str] | str = "all-linear", dtype: torch.dtype | None = None,
+                 target_parameters: list[str] | None = None) -> None:
         if max_resident < 1 or max_rank < 1:
             raise LorakitError(f"max_resident and max_rank must be >= 1, got {max_resident}, {max_rank}")
         self.model = model
         self.max_resident, self.max_rank = max_resident, max_rank
         self.context = SlotContext()
+        # Parameters first: resolving them looks at the model before its linear layers are replaced.
+        self.parameter_layers = install_parameters(model, target_modules, target_parameters, max_resident, max_rank,
+                                                   self.context, dtype)
         self.layers = self._install(model, target_modules, dtype)
         self._known: dict[str, _HostAdapter] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident, least recently used first
@@ -285,6 +294,12 @@ class AdapterRegistry:
         for module, layer in self.layers.items():
             A, B, scaling, scale = adapter.weights.get(module, (None, None, 0.0, None))
             layer.write_slot(slot, A, B, scaling, scale)
+        for key, (layer, weight) in self.parameter_layers.items():
+            A, B, scaling, _ = adapter.weights.get(key, (None, None, 0.0, None))
+            if weight is None:
+                layer.write_slot(slot, A, B, scaling)
+            else:
+                layer.write_slot(slot, weight, A, B, scaling)
 
     def slot_ranks(self) -> list[int]:
         """The rank resident in each slot (0 for a free slot)."""
@@ -303,12 +318,20 @@ class AdapterRegistry:
             if not self._is_base_copy(key, tensor, source):
                 raise LorakitError(f"{source}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight / "
                                    "lora_B.weight); the engine serves plain LoRA adapters only")
-        weights = {}
+        weights, ranks = {}, []
+        parameters = file_parameters(list(file.modules), config.target_parameters)  # file module -> parameter
         for module, parts in file.modules.items():
-            weights[module] = self._check_module(module, parts, config, source)
+            if module in parameters:
+                key = parameters[module]
+                weights[key], rank = check_parameter(self.parameter_layers, key, module, parts, config, self.max_rank,
+                                                     source)
+            else:
+                weights[module] = self._check_module(module, parts, config, source)
+                rank = weights[module][0].shape[0]
+            ranks.append(rank)
         if not weights:
             raise LorakitError(f"{source}: holds no LoRA weights")
-        rank = max(A.shape[0] for A, _, _, _ in weights.values())
+        rank = max(ranks)
         info = AdapterInfo(name=name, path=str(folder), rank=rank, modules=len(weights), dora=config.use_dora)
         return _HostAdapter(info, weights)
 
@@ -346,6 +369,11 @@ class AdapterRegistry:
         if isinstance(layer, BatchedLoraEmbedding) and config.use_dora:
             raise LorakitError(f"{source}: DoRA on the embedding {module} is not served (nor trained by lorakit); "
                                "merge the adapter with `lorakit merge` and serve the merged model")
+        if layer is None and config.target_parameters:
+            raise LorakitError(
+                f"{source}: module {module!r} holds LoRA that is neither on a linear layer this engine serves nor on "
+                f"one of its target_parameters ({', '.join(config.target_parameters)}) that it can read back; check "
+                "that the adapter belongs to this base model")
         if layer is None:
             raise LorakitError(
                 f"{source}: adapts module {module!r}, which this engine does not serve "
