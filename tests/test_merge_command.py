@@ -196,3 +196,27 @@ def test_dora_adapter_merges_to_the_same_logits(tiny_base, tmp_path):
     merge_to_folder(str(tiny_base), [tmp_path / "dora"], tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_expert_adapter_merges_into_the_3d_expert_weights(tmp_path, smollm2_path):
+    """An all-linear adapter on a Qwen3-MoE (experts, router, attention): the merged folder reloads in
+    transformers with the adapter's logits; the expert weights it saves are PEFT's merge."""
+    from moe_models import make_moe, moe_ids
+    from peft_oracle import peft_load
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = make_moe("qwen3_moe")
+    base.save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path / "base")
+    model = make_moe("qwen3_moe")
+    add_adapter(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    save_adapter(model, tmp_path / "adapter")
+    ids = moe_ids()
+    expected = logits(model, ids)
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
+    reference = peft_load(make_moe("qwen3_moe"), tmp_path / "adapter").merge_and_unload()
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        torch.testing.assert_close(merged.get_parameter(name), reference.get_parameter(name), rtol=1e-5, atol=1e-6)

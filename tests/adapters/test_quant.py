@@ -152,3 +152,15 @@ def test_qlora_training_steps_on_smollm2_lower_the_loss(smollm2_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_qlora_on_a_mixture_of_experts_model_is_refused_naming_what_is_missing():
+    from moe_models import make_moe
+
+    from lorakit.adapters.quant import quantize_model
+
+    model = make_moe("qwen3_moe")
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    with pytest.raises(lorakit.LorakitError, match=rf"{experts:,} of its .* 3-D expert weights.*no NF4 storage and kernel"):
+        quantize_model(model)
+    assert not any(type(m).__name__ == "NF4Linear" for m in model.modules())  # nothing was changed
