@@ -15,12 +15,16 @@ from lorakit.serve import Engine, SamplingParams
 
 # What the expert adapter targets per architecture: all-linear trains experts and router where PEFT's
 # rule does (Qwen3-MoE, DeepSeek-V3); elsewhere the expert weights and the router are named.
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 EXPERT_TARGETS = {
     "qwen3_moe": dict(targets="all-linear"),
+    "mixtral": dict(targets="all-linear"),
+    "olmoe": dict(targets="all-linear"),
     "deepseek_v3": dict(targets="all-linear"),
-    "gpt_oss": dict(targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
-                                                           "router.weight"]),
+    "gpt_oss": dict(targets=["q_proj"], target_parameters=[*EXPERTS, "router.weight"]),
+    "qwen2_moe": dict(targets=["q_proj", "shared_expert.down_proj"], target_parameters=[*EXPERTS, "mlp.gate.weight"]),
 }
+ROUTERS = {"gpt_oss": ["router.weight"], "qwen2_moe": ["mlp.gate.weight"]}  # outside PEFT's all-linear rule
 
 
 @pytest.fixture(scope="module", params=sorted(EXPERT_TARGETS))
@@ -44,8 +48,8 @@ def _prompts(n: int) -> list[list[int]]:
 
 def test_mixed_batch_of_expert_dense_and_base_equals_each_alone_merged(setup):
     arch, base, folders = setup
-    routers = ["router.weight"] if arch == "gpt_oss" else None
-    engine = Engine(copy.deepcopy(base), WordTokenizer(), max_resident=2, max_rank=8, target_parameters=routers)
+    engine = Engine(copy.deepcopy(base), WordTokenizer(), max_resident=2, max_rank=8,
+                    target_parameters=ROUTERS.get(arch))
     for name, folder in folders.items():
         engine.load_adapter(name, folder)
     requests = list(zip(_prompts(9), [None, "experts", "dense"] * 3))
@@ -58,7 +62,8 @@ def test_mixed_batch_of_expert_dense_and_base_equals_each_alone_merged(setup):
     for name in ("experts", "dense"):  # not vacuous: each adapter changes some of its outputs
         assert any(g != b for g, b, (_, a) in zip(got, plain, requests) if a == name), name
     info = {i.name: i for i in engine.adapters()}
-    assert info["experts"].rank == (4 if arch != "gpt_oss" else 2)  # per expert; all-linear fuses gate_up at 2r
+    all_linear = EXPERT_TARGETS[arch]["targets"] == "all-linear"
+    assert info["experts"].rank == (4 if all_linear else 2)  # per expert; all-linear fuses gate_up at 2r
 
 
 def test_expert_adapter_the_engine_does_not_serve_is_refused(tmp_path):
