@@ -17,6 +17,10 @@ three variants share one copy of the frozen base weights. Each round times, in t
 - ``lorakit``: ours — the rank-r path on each expert's routed tokens only (lorakit's experts
   implementation), same batch, same optimiser.
 
+With ``--dtype bf16`` every variant runs under ``torch.autocast(bf16)``, as ``lorakit train`` (and
+transformers' Trainer with ``bf16=True``) runs a bf16 model; the optimiser is the fused AdamW that
+``lorakit train`` uses, for both adapters.
+
 Times: median of per-round ratios over interleaved rounds (REFERENCE.md "Measuring speed on these
 machines"). Memory: the *step peak* is one more step of each, alone, above what was live before it
 (CPU: the profiler's allocation events, as ``tests/memory_probe.py``; CUDA: the allocator's peak);
@@ -86,18 +90,25 @@ def make_variants(args, batch: dict) -> dict:
     ours = build(args.shape, args.layers, dtype, args.device, like=floor_model)
     lorakit.add_adapter(ours, lorakit.LoraConfig(**lora))
 
+    def autocast():  # bf16 as lorakit train runs it (and transformers' Trainer with bf16=True): autocast
+        return torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
+
     def step_fn(model):
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # lorakit train's optimizer, for both
 
         def step():
-            model(**batch).loss.backward()
+            with autocast():
+                loss = model(**batch).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
 
     def floor():
-        floor_model(**batch).loss.backward()
+        with autocast():
+            loss = floor_model(**batch).loss
+        loss.backward()
 
     variants = {"floor": floor, "peft": step_fn(peft_model), "lorakit": step_fn(ours)}
     models = {"floor": floor_model, "peft": peft_model, "lorakit": ours}

@@ -44,19 +44,22 @@ UPDATES_KWARG = "lorakit_updates"
 
 @dataclass(frozen=True)
 class ExpertUpdate:
-    """One adapter's factors on one expert weight: ``ΔW_e = scaling · B[e] A[e]`` in (out, in) terms.
+    """One adapter's factors on one expert weight: ``ΔW_e = scaling · B_e A_e`` in (out, in) terms.
 
     Attributes:
-        A: (E, r, in).
-        B: (E, out, r).
+        A: (E, r, in) — or, with ``experts`` set, PEFT's stacked ``lora_A`` (r·E, in).
+        B: (E, out, r) — or, with ``experts`` set, PEFT's stacked ``lora_B`` (out, r·E).
         scaling: alpha/r (or alpha/√r).
+        tokens: (N,) bool, the tokens this update applies to (a multi-adapter batch); None: all.
+        experts: E when ``A`` and ``B`` are PEFT's stacked parameters (the training path: the
+            per-expert layout is then made inside the autograd op, one pass each way).
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
     tokens: torch.Tensor | None = None
-    """(N,) bool: the tokens this update applies to (a multi-adapter batch); None: all of them."""
+    experts: int | None = None
 
 
 def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,12 +193,12 @@ def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch
         if update.tokens is not None:  # a multi-adapter batch: this adapter's pairs only
             pairs = update.tokens[rows].nonzero().squeeze(1)  # still grouped by expert
             counts = torch.bincount(ids[pairs], minlength=offsets.numel())
-            z = ExpertLoraFn.apply(x[pairs], None, update.A, update.B, counts.cumsum(0, dtype=torch.int32),
-                                   update.scaling, dtype)
+            z = ExpertLoraFn.apply(x[pairs], None, update.A, update.B, update.experts,
+                                   counts.cumsum(0, dtype=torch.int32), update.scaling, dtype)
             y = y.index_add(0, pairs, z.to(y.dtype))
             continue
         z = ExpertLoraFn.apply(x if source is None else source, None if source is None else rows, update.A,
-                               update.B, offsets, update.scaling, dtype)
+                               update.B, update.experts, offsets, update.scaling, dtype)
         y = y + z.to(y.dtype)
     return y
 
@@ -204,42 +207,57 @@ class ExpertLoraFn(torch.autograd.Function):
     """``z = s · (x A_eᵀ) B_eᵀ`` per expert group, ``x = source[rows]`` (or ``source``), in ``dtype``.
 
     Keeps ``source`` (for the first expert weight: the layer's tokens, top_k times smaller than the
-    routed pairs), ``rows`` and the rank-r ``h = x A_eᵀ`` (S, r). Backward, from ``g = dz``::
+    routed pairs), ``rows``, the factors in the compute layout and the rank-r ``h = x A_eᵀ`` (S, r).
+    Backward, from ``g = dz``::
 
         dB_e = s · g_eᵀ h_e          dh = s · g B_e          (rank r)
         dA_e = dh_eᵀ x_e             dx = dh A_e, scattered back to source through rows
 
-    with ``x`` gathered (and cast) again. Nothing of size (E, out, in) in either pass.
+    with ``x`` gathered (and cast) again. Nothing of size (E, out, in) in either pass. With
+    ``experts`` set, ``A`` and ``B`` are PEFT's stacked parameters: expert e's factors are laid
+    out (and cast) here in one pass, and their gradients go back to PEFT's layout in one pass.
     """
 
     @staticmethod
-    def forward(ctx, source, rows, A, B, offsets, scaling: float, dtype: torch.dtype):
+    def forward(ctx, source, rows, A, B, experts: int | None, offsets, scaling: float, dtype: torch.dtype):
         x = (source if rows is None else source[rows]).to(dtype)  # (S, in)
-        ctx.factor_dtypes = A.dtype, B.dtype
-        A, B = A.to(dtype), B.to(dtype)  # (E, r, in), (E, out, r)
-        h = grouped_mm(x, A.transpose(-2, -1), offsets)  # (S, r): the rank-r path stays small
-        z = grouped_mm(h, B.transpose(-2, -1), offsets)  # (S, out)
-        ctx.save_for_backward(source, rows, A, B, h, offsets)
+        ctx.factor_dtypes, ctx.experts, ctx.B_shape = (A.dtype, B.dtype), experts, B.shape
+        if experts is None:
+            At = A.to(dtype).transpose(-2, -1)  # (E, in, r)
+            Bt = B.to(dtype).transpose(-2, -1)  # (E, r, out)
+        else:  # lora_A (r·E, in) is expert-major: a view; lora_B (out, r·E) is rank-major: one copy
+            At = A.view(experts, -1, A.shape[-1]).to(dtype).transpose(-2, -1)
+            layout = B.view(B.shape[0], -1, experts).permute(2, 1, 0)  # (E, r, out), strided
+            Bt = torch.empty(layout.shape, dtype=dtype, device=B.device).copy_(layout)
+        h = grouped_mm(x, At, offsets)  # (S, r): the rank-r path stays small
+        z = grouped_mm(h, Bt, offsets)  # (S, out)
+        ctx.save_for_backward(source, rows, At, Bt, h, offsets)
         ctx.scaling, ctx.dtype = scaling, dtype
         return z.mul_(scaling)
 
     @staticmethod
     def backward(ctx, g):
-        source, rows, A, B, h, offsets = ctx.saved_tensors
-        s = ctx.scaling
+        source, rows, At, Bt, h, offsets = ctx.saved_tensors
+        s, experts = ctx.scaling, ctx.experts
         g = g.to(ctx.dtype)
-        dh = grouped_mm(g, B, offsets).mul_(s)  # (S, r)
+        dh = grouped_mm(g, Bt.transpose(-2, -1), offsets).mul_(s)  # (S, r)
         dA = dB = dsource = None
         if ctx.needs_input_grad[3]:
-            dB = grouped_outer(g, h, offsets).mul_(s).to(ctx.factor_dtypes[1])  # (E, out, r)
+            dBt = grouped_outer(h, g, offsets).mul_(s)  # (E, r, out)
+            if experts is None:
+                dB = dBt.transpose(-2, -1).to(ctx.factor_dtypes[1])  # (E, out, r)
+            else:  # back to lora_B's (out, r·E) layout and dtype, one pass
+                dB = torch.empty(ctx.B_shape, dtype=ctx.factor_dtypes[1], device=g.device)
+                dB.view(ctx.B_shape[0], -1, experts).copy_(dBt.permute(2, 1, 0))
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             if ctx.needs_input_grad[2]:
                 x = (source if rows is None else source[rows]).to(ctx.dtype)
                 dA = grouped_outer(dh, x, offsets).to(ctx.factor_dtypes[0])  # (E, r, in)
+                dA = dA if experts is None else dA.view(-1, dA.shape[-1])  # lora_A's (r·E, in)
             if ctx.needs_input_grad[0]:
-                dx = grouped_mm(dh, A, offsets).to(source.dtype)  # (S, in)
+                dx = grouped_mm(dh, At.transpose(-2, -1), offsets).to(source.dtype)  # (S, in)
                 dsource = dx if rows is None else torch.zeros_like(source).index_add_(0, rows, dx)
-        return dsource, None, dA, dB, None, None, None
+        return dsource, None, dA, dB, None, None, None, None
 
 
 def _branch_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
@@ -305,6 +323,8 @@ def _native_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not _native_device_dtype(x, weight):
         return False
     size = x.element_size()
+    if x.stride(-1) != 1 or (weight.stride(-1) != 1 and weight.stride(-2) != 1):
+        return False  # rows of x contiguous; each group's matrix row- or column-major
     # The kernel (and its backward) needs 16-byte aligned pointers, row strides and inner sizes.
     dims = (x.shape[-1], weight.shape[-1])
     strides = [s for t in (x, weight) for s in t.stride() if s != 1]

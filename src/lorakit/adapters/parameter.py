@@ -188,7 +188,7 @@ class LoraParameter(LoraLayer):
         replaced = {}
         for name, items in updates.items():
             weight = getattr(module, name)
-            delta = sum(item.scaling * (item.B[0] @ item.A[0]) for item in items)  # (out, in): one small matrix
+            delta = sum(item.scaling * (item.B @ item.A) for item in items)  # (out, in): one small matrix (E = 1)
             replaced[name] = weight + delta.to(weight.dtype)
         return torch.func.functional_call(module, replaced, args, kwargs, strict=False)
 
@@ -257,8 +257,8 @@ def _active_updates(outer: LoraParameter) -> dict[str, list[experts.ExpertUpdate
     for layer in wrappers(outer):
         items = []
         for name in layer._branch_names():
-            A, B = layer.factors(name)
-            items.append(experts.ExpertUpdate(A, B, layer.scaling[name]))
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight  # PEFT's stacked layout
+            items.append(experts.ExpertUpdate(A, B, layer.scaling[name], experts=layer.num_experts))
         if items:
             updates[layer.parameter_name] = items
     return updates
