@@ -107,17 +107,21 @@ class LoraParameter(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         """``ΔW`` in the parameter's own layout, fp32: (E, out, in) / (E, in, out), or (out, in).
 
-        Forms the full tensor: for merging and tests only, never in forward or backward.
+        Forms the full tensor: for tests and reports only — merging goes expert by expert, and
+        forward and backward never form it.
         """
-        if not self.is_experts:
-            return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
-        return torch.stack([self.expert_delta(name, e) for e in range(self.num_experts)])
+        return torch.stack(list(self._deltas(name))) if self.is_experts else next(self._deltas(name))
 
-    def expert_delta(self, name: str, expert: int) -> torch.Tensor:
-        """Expert ``expert``'s ``ΔW_e`` in the parameter's layout, fp32."""
-        A, B = self.factors(name)
-        delta = (B[expert].float() @ A[expert].float()) * self.scaling[name]  # (out, in)
-        return delta.T if self.target_module.is_transposed else delta
+    def _deltas(self, name: str):
+        """Each expert's ``ΔW_e`` in the parameter's layout, fp32, one at a time (the factors laid
+        out once); a 2-D parameter's one ΔW."""
+        with torch.no_grad():
+            A, B = (t.detach().float() for t in self.factors(name))  # (E, r, in), (E, out, r)
+        s = self.scaling[name]
+        transposed = self.is_experts and self.target_module.is_transposed
+        for e in range(self.num_experts):
+            delta = (B[e] @ A[e]) * s  # (out, in)
+            yield delta.T if transposed else delta
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -149,25 +153,24 @@ class LoraParameter(LoraLayer):
         self._apply([name], sign=-1.0)
         self.merged.remove(name)
 
+    def _merged_slices(self, names: list[str], sign: float):
+        """``(target slice, its fp32 value with the updates of names)`` per expert (or the whole 2-D weight)."""
+        weight = self.base_weight
+        targets = list(weight) if self.is_experts else [weight]
+        for target, *deltas in zip(targets, *(self._deltas(n) for n in names)):
+            yield target, target.float() + sign * sum(deltas)
+
+    @torch.no_grad()
     def check_merge(self, names: list[str]) -> None:
         """Raise if merging ``names`` would put NaN/inf into the weight (checked expert by expert)."""
-        weight = self.base_weight
-        for e in range(self.num_experts) if self.is_experts else [None]:
-            w = (weight[e] if e is not None else weight).float()
-            for name in names:
-                w = w + (self.expert_delta(name, e) if e is not None else self.delta_weight(name))
-            if not torch.isfinite(w).all():
+        for _, merged in self._merged_slices(names, 1.0):
+            if not torch.isfinite(merged).all():
                 raise LorakitError(f"adapter(s) {', '.join(names)} hold NaN or inf values; refusing to merge")
 
     @torch.no_grad()
     def _apply(self, names: list[str], sign: float) -> None:
-        weight = self.base_weight
-        for e in range(self.num_experts) if self.is_experts else [None]:
-            target = weight[e] if e is not None else weight
-            w = target.float()
-            for name in names:
-                w = w + sign * (self.expert_delta(name, e) if e is not None else self.delta_weight(name))
-            target.copy_(w.to(target.dtype))
+        for target, merged in self._merged_slices(names, sign):
+            target.copy_(merged.to(target.dtype))
 
     # -- forward -------------------------------------------------------------------------------
 
