@@ -29,8 +29,10 @@ import re
 
 from torch import nn
 
+from lorakit.adapters import experts
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.parameter import LoraParameter, innermost, wrappers
+from lorakit.adapters.lora import LoraLayer
+from lorakit.adapters.parameter import LoraParameter, check_options, check_target, innermost, wrappers
 from lorakit.errors import LorakitError
 
 # PEFT 0.21.2 (peft/utils/transformers_weight_conversion.py): v4 module name -> v5 parameter, and
@@ -176,9 +178,6 @@ def check_parameters(model: nn.Module, parameters: list[tuple[str, str, str]], o
                      modules: list[str] = ()) -> None:
     """Raise, before anything changes, if a targeted parameter cannot carry LoRA with its options
     (``options(key)``) or sits on a module that ``target_modules`` adapts too (``modules``)."""
-    from lorakit.adapters.lora import LoraLayer
-    from lorakit.adapters.parameter import check_options, check_target
-
     for module_name, param_name, key in parameters:
         module = model.get_submodule(module_name)
         if module_name in modules or isinstance(innermost(module), LoraLayer) or (
@@ -200,8 +199,6 @@ def ensure_parameter_layer(model: nn.Module, module_name: str, param_name: str) 
         if layer.parameter_name == param_name:
             return layer
         layer = layer.base_layer
-    from lorakit.adapters.lora import LoraLayer
-
     if isinstance(layer, LoraLayer):
         raise LorakitError(f"{module_name}: parameter {param_name!r} is targeted by target_parameters but the module is "
                            "also targeted by target_modules; target it one way only (as PEFT requires)")
@@ -225,8 +222,6 @@ def check_same_parameters(configs: dict[str, LoraConfig], config: LoraConfig, na
 def release_experts(model: nn.Module, removed: list[nn.Module]) -> None:
     """After ``removed`` wrappers left the model: give every experts config that no wrapper uses any
     more its experts implementation back."""
-    from lorakit.adapters import experts
-
     still = {id(innermost(m).config) for m in model.modules()
              if isinstance(m, LoraParameter) and m.is_experts and m.adapter_names}
     for layer in removed:
@@ -239,8 +234,6 @@ def release_experts(model: nn.Module, removed: list[nn.Module]) -> None:
 def expert_weights(model: nn.Module) -> dict[str, tuple[int, bool]]:
     """Every expert weight of ``model`` (the 3-D weights of experts modules that transformers' experts
     interface serves): full name -> (element count, whether an adapter targets it)."""
-    from lorakit.adapters import experts
-
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraParameter) or not experts.is_interface_experts(module):

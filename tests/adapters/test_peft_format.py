@@ -87,3 +87,38 @@ def test_read_factors_and_folders(tmp_path):
     assert {f.scale for f in other.values()} == {8 / math.sqrt(2)}
     shapes, _ = fmt.read_shapes(tmp_path / "b")
     assert shapes[P + "model.layers.1.self_attn.v_proj.lora_A.weight"] == (2, 32)
+
+
+def test_file_parameters_and_expert_factors_of_a_peft_saved_moe_adapter(tmp_path):
+    """PEFT 0.21.2 all-linear on a Qwen3-MoE: experts (gate_up at rank 2r by PEFT's MoE rewrite, down_proj)
+    and the router as target parameters; read back without a model, each expert's ΔW is PEFT's merge."""
+    import peft
+    from moe_models import make_moe
+
+    base = make_moe("qwen3_moe")
+    reference = peft.get_peft_model(make_moe("qwen3_moe"), peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear",
+                                                                            init_lora_weights=False))
+    reference.save_pretrained(tmp_path)
+    config, factors = fmt.read_factors(tmp_path)
+    layer = "model.layers.1.mlp"
+    parameters = fmt.file_parameters(list(factors), config.target_parameters)
+    assert {m: p for m, p in parameters.items() if m.startswith(layer)} == {
+        f"{layer}.experts.base_layer": f"{layer}.experts.gate_up_proj", f"{layer}.experts": f"{layer}.experts.down_proj",
+        f"{layer}.gate": f"{layer}.gate.weight"}
+    assert not any(".self_attn." in m for m in parameters)  # modules stay modules
+    gate_up, down, router = (factors[f"{layer}.{m}"] for m in ("experts.base_layer", "experts", "gate"))
+    assert (gate_up.experts, gate_up.rank, gate_up.scale) == (4, 4, 12 / 4)  # rank_pattern / alpha_pattern: 2r, 2·alpha
+    assert (down.experts, down.rank, down.scale) == (4, 2, 6 / 2) and (router.experts, router.rank) == (1, 2)
+    assert fmt.parameter_rank(config, f"{layer}.experts.down_proj", 8) == (2, 4)
+    assert fmt.parameter_rank(config, f"{layer}.experts.down_proj", 7) == (7, 1)  # no multiple: as the tensors say
+    assert fmt.parameter_rank(config, None, 8) == (8, 1)
+
+    merged = reference.merge_and_unload().state_dict()
+    plain = base.state_dict()
+    for name, part in (("gate_up_proj", gate_up), ("down_proj", down)):
+        key = f"{layer}.experts.{name}"
+        for e in range(4):  # (E, out, in): expert e's own update
+            torch.testing.assert_close(part.expert(e).delta().float(), merged[key][e] - plain[key][e],
+                                       rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(router.delta().float(), merged[f"{layer}.gate.weight"] - plain[f"{layer}.gate.weight"],
+                               rtol=1e-4, atol=1e-6)

@@ -13,7 +13,7 @@ from peft_oracle import logits, peft_load
 from safetensors.torch import load_file
 from train.train_helpers import read_jsonl, tiny_config
 
-from lorakit.checkpoint import load_adapter
+from lorakit.adapter_io import load_adapter
 from lorakit.train.config import RunConfig
 from lorakit.train.loop import train
 from lorakit.train.setup import build_run

@@ -30,7 +30,6 @@ Merging writes ``W + ΔW`` into the parameter itself (one expert at a time for 3
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
@@ -265,44 +264,3 @@ def _active_updates(outer: LoraParameter) -> dict[str, list[experts.ExpertUpdate
         if items:
             updates[layer.parameter_name] = items
     return updates
-
-
-# Weights of an experts module in the order transformers registers them (first = innermost wrapper).
-_EXPERT_ORDER = ("gate_up_proj", "up_proj", "down_proj")
-
-
-def file_parameters(modules: list[str], target_parameters: list[str] | None) -> dict[str, str]:
-    """PEFT's layout read back without the model: which targeted parameter each file module holds.
-
-    A file module ``….experts.base_layer`` (one ``base_layer`` per further parameter of the same
-    module) maps to the parameter's full key (``….experts.gate_up_proj``); the innermost holds the
-    module's first parameter, which for transformers' experts is ``gate_up_proj`` (or ``up_proj``)
-    before ``down_proj`` — the order vLLM also assumes. Modules that are no target parameter, or
-    whose parameter cannot be told, are left out.
-    """
-    if not target_parameters:
-        return {}
-    nests: dict[str, list[tuple[int, str]]] = {}
-    for module in modules:
-        outer = re.sub(r"(\.base_layer)+$", "", module)
-        depth = (len(module) - len(outer)) // len(".base_layer")
-        nests.setdefault(outer, []).append((depth, module))
-    found = {}
-    for outer, members in nests.items():
-        # Candidate parameters: targets that name a parameter of this module, the most specific first
-        # (``gate.weight`` says more about ``….mlp.gate`` than a bare ``down_proj`` does).
-        scores: dict[str, int] = {}
-        for t in target_parameters:
-            leaf = t.rsplit(".", 1)[-1]
-            key = f"{outer}.{leaf}"
-            if key == t or key.endswith("." + t):
-                scores[leaf] = max(scores.get(leaf, 0), t.count(".") + 1)
-        ranked = sorted(scores, key=lambda leaf: -scores[leaf])
-        if len(ranked) < len(members) or (len(ranked) > len(members)
-                                          and scores[ranked[len(members) - 1]] == scores[ranked[len(members)]]):
-            continue
-        leaves = sorted(ranked[:len(members)],
-                        key=lambda leaf: (_EXPERT_ORDER.index(leaf) if leaf in _EXPERT_ORDER else 1.5, leaf))
-        for depth, module in members:
-            found[module] = f"{outer}.{leaves[len(leaves) - 1 - depth]}"
-    return found

@@ -30,9 +30,19 @@ What this module owns, so that nothing else parses keys or recomputes scales:
 Tensors load from safetensors only; a pickle ``adapter_model.bin`` is refused unless the caller
 opts in, and is then read with ``torch.load(weights_only=True)``.
 
-A new kind of adapted module adds its file layout here: PEFT 0.21.2 saves LoRA on expert
-parameters (``target_parameters``) under the module's name, one ``base_layer.`` deeper for each
-further parameter of the same module (REFERENCE.md "Mixture-of-experts").
+LoRA on parameters (PEFT 0.21.2's ``target_parameters``, REFERENCE.md "Mixture-of-experts") is
+saved under the module's name, one ``base_layer.`` deeper for each further parameter of the same
+module, the module's first parameter innermost::
+
+    model key:  model.layers.0.mlp.experts.base_layer.lora_A.default.weight   (gate_up_proj)
+    file key:   base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight   (r·E, H)
+    model key:  model.layers.0.mlp.experts.lora_B.default.weight   (down_proj)
+    file key:   base_model.model.model.layers.0.mlp.experts.lora_B.weight   (H, r·E)
+
+A 3-D expert weight (E, out, in) holds all E experts' factors stacked: A (r·E, in) expert-major,
+B (out, r·E) rank-major, so expert e's update is ``s · B[:, e::E] @ A[e·r:(e+1)·r]``
+(:meth:`Factors.expert`). Readers get the parameter behind each file module from
+:func:`file_parameters` and the rank per expert from :func:`parameter_rank`.
 """
 
 from __future__ import annotations
@@ -156,6 +166,66 @@ def module_scaling(config: LoraConfig, module: str, r: int | None = None) -> flo
     return scaling(config.alpha_for(module), config.rank_for(module) if r is None else r, config.use_rslora)
 
 
+# -- target parameters ---------------------------------------------------------------------------
+
+# Weights of an experts module in the order transformers registers them (first = innermost wrapper).
+_EXPERT_ORDER = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def file_parameters(modules: list[str], target_parameters: list[str] | None) -> dict[str, str]:
+    """Which targeted parameter each file module holds, read from the layout alone (no model).
+
+    A file module ``….experts.base_layer`` (one ``base_layer`` per further parameter of the same
+    module) maps to the parameter's full key (``….experts.gate_up_proj``); the innermost holds the
+    module's first parameter, which for transformers' experts is ``gate_up_proj`` (or ``up_proj``)
+    before ``down_proj`` — the order vLLM also assumes. Modules that are no target parameter, or
+    whose parameter cannot be told, are left out.
+
+    Args:
+        modules: the file's module names (as :func:`split_file_key` gives them).
+        target_parameters: the config's ``target_parameters``.
+
+    Returns:
+        file module -> the parameter's full name (``model.layers.0.mlp.experts.down_proj``).
+    """
+    if not target_parameters:
+        return {}
+    nests: dict[str, list[tuple[int, str]]] = {}
+    for module in modules:
+        outer = re.sub(r"(\.base_layer)+$", "", module)
+        depth = (len(module) - len(outer)) // len(".base_layer")
+        nests.setdefault(outer, []).append((depth, module))
+    found = {}
+    for outer, members in nests.items():
+        # Candidate parameters: targets that name a parameter of this module, the most specific first
+        # (``gate.weight`` says more about ``….mlp.gate`` than a bare ``down_proj`` does).
+        scores: dict[str, int] = {}
+        for t in target_parameters:
+            leaf = t.rsplit(".", 1)[-1]
+            key = f"{outer}.{leaf}"
+            if key == t or key.endswith("." + t):
+                scores[leaf] = max(scores.get(leaf, 0), t.count(".") + 1)
+        ranked = sorted(scores, key=lambda leaf: -scores[leaf])
+        if len(ranked) < len(members) or (len(ranked) > len(members)
+                                          and scores[ranked[len(members) - 1]] == scores[ranked[len(members)]]):
+            continue
+        leaves = sorted(ranked[:len(members)],
+                        key=lambda leaf: (_EXPERT_ORDER.index(leaf) if leaf in _EXPERT_ORDER else 1.5, leaf))
+        for depth, module in members:
+            found[module] = f"{outer}.{leaves[len(leaves) - 1 - depth]}"
+    return found
+
+
+def parameter_rank(config: LoraConfig, parameter: str | None, rows: int) -> tuple[int, int]:
+    """``(rank, experts)`` of a module whose ``lora_A`` has ``rows`` rows: for a target parameter, the
+    config's rank for it and ``rows / rank`` experts (1 for a 2-D weight such as a router's); for a
+    module (``parameter`` None) or rows that are no multiple of that rank, ``(rows, 1)``."""
+    if parameter is None:
+        return rows, 1
+    rank = config.rank_for(parameter)
+    return (rank, rows // rank) if rows % rank == 0 else (rows, 1)
+
+
 # -- folders -------------------------------------------------------------------------------------
 
 
@@ -277,10 +347,20 @@ class Factors:
     embedding: bool = False
     magnitude: torch.Tensor | None = None
     """DoRA's m (out,), for a DoRA adapter."""
+    experts: int = 1
+    """E for an expert weight (target_parameters on (E, out, in)): A (r·E, in), B (out, r·E)."""
+    parameter: str | None = None
+    """The targeted parameter's full name (target_parameters), whose rank/alpha patterns apply."""
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        """The rank (per expert for an expert weight)."""
+        return self.A.shape[0] // self.experts
+
+    def expert(self, e: int) -> Factors:
+        """Expert ``e``'s own factors: ``A[e·r:(e+1)·r]`` (r, in) and ``B[:, e::E]`` (out, r)."""
+        r = self.rank
+        return Factors(self.A[e * r:(e + 1) * r], self.B[:, e::self.experts], self.scale)
 
     def delta(self) -> torch.Tensor:
         """``scale · B @ A`` in fp64."""
@@ -289,12 +369,13 @@ class Factors:
 
 def read_factors(folder: str | Path, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, Factors]]:
     """An adapter folder's config and its factors by module, fp32, each with its scale from the config
-    (the rank is the one the tensors have).
+    (the rank is the one the tensors have; per expert for expert weights).
 
     Raises:
         LorakitError: as :func:`read_adapter`, or a module whose A and B do not fit together.
     """
     file = read_adapter(folder, allow_pickle=allow_pickle)
+    parameters = file_parameters(list(file.modules), file.config.target_parameters)
     factors: dict[str, Factors] = {}
     for module, parts in file.modules.items():
         for a_part, b_part, embedding in (("lora_A", "lora_B", False), ("lora_embedding_A", "lora_embedding_B", True)):
@@ -304,6 +385,9 @@ def read_factors(folder: str | Path, allow_pickle: bool = False) -> tuple[LoraCo
             if B is None or A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise LorakitError(f"{file.source}: {module} has lora A {tuple(A.shape)} but lora B "
                                    f"{None if B is None else tuple(B.shape)}; the file is inconsistent")
-            factors[module] = Factors(A.float(), B.float(), module_scaling(file.config, module, A.shape[0]),
-                                      parts.get("lora_B.bias"), embedding, parts.get("lora_magnitude_vector"))
+            parameter = parameters.get(module)
+            rank, experts = parameter_rank(file.config, parameter, A.shape[0])
+            factors[module] = Factors(A.float(), B.float(), module_scaling(file.config, parameter or module, rank),
+                                      parts.get("lora_B.bias"), embedding, parts.get("lora_magnitude_vector"),
+                                      experts, parameter)
     return file.config, factors

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from lorakit.adapters.experts import is_interface_experts, weight_names
 from lorakit.errors import LorakitError
 
 NF4_OPTIONS = dict(quant_type="nf4", blocksize=64, compress_statistics=True, quant_storage=torch.uint8)
@@ -124,8 +125,6 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
         LorakitError: the model has mixture-of-experts weights (see :func:`experts_refusal`), or no
             ``nn.Linear`` at all.
     """
-    from lorakit.adapters.experts import is_interface_experts, weight_names
-
     expert_params = sum(getattr(m, w).numel() for m in model.modules() if is_interface_experts(m)
                         for w in weight_names(m))
     if expert_params:
