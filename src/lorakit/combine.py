@@ -38,7 +38,6 @@ What is notable:
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from lorakit._fs import atomic_folder
 from lorakit.adapters.config import CONFIG_NAME, LoraConfig
 from lorakit.adapters.lora import LoraEmbedding, LoraLinear
 from lorakit.adapters.parameter import LoraParameter
-from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, part_file_key, read_factors
+from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, nest_module, part_file_key, read_factors
 from lorakit.errors import LorakitError
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -380,7 +379,7 @@ def model_factors(model: nn.Module, name: str) -> tuple[LoraConfig, dict[str, Fa
     factors = {}
     for module, layer in named_adapter_layers(model):
         if isinstance(layer, LoraParameter) and name in layer.lora_A:
-            parameter = f"{re.sub(r'(.base_layer)+$', '', module)}.{layer.parameter_name}"
+            parameter = f"{nest_module(module)}.{layer.parameter_name}"
             factors[module] = Factors(layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(),
                                       layer.scaling[name], experts=layer.num_experts, parameter=parameter)
         elif isinstance(layer, LoraLinear) and name in layer.lora_A:

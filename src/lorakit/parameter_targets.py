@@ -33,6 +33,7 @@ from lorakit.adapters import experts
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.lora import LoraLayer
 from lorakit.adapters.parameter import LoraParameter, check_options, check_target, innermost, wrappers
+from lorakit.adapters.peft_format import nest_module
 from lorakit.errors import LorakitError
 
 # PEFT 0.21.2 (peft/utils/transformers_weight_conversion.py): v4 module name -> v5 parameter, and
@@ -171,7 +172,7 @@ def _is_wrapper_part(name: str) -> bool:
 def _outer_name(module_name: str) -> str:
     """The name under which ``module_name``'s module sits in the model (``….experts`` for
     ``….experts.base_layer.base_layer``: where a further wrapper goes)."""
-    return re.sub(r"(\.base_layer)+$", "", module_name)
+    return nest_module(module_name)
 
 
 def check_parameters(model: nn.Module, parameters: list[tuple[str, str, str]], options,

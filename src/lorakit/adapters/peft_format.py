@@ -172,6 +172,12 @@ def module_scaling(config: LoraConfig, module: str, r: int | None = None) -> flo
 _EXPERT_ORDER = ("gate_up_proj", "up_proj", "down_proj")
 
 
+def nest_module(name: str) -> str:
+    """The module a nest of parameter wrappers stands for: ``….experts`` for ``….experts.base_layer``
+    (file modules and wrapper names alike)."""
+    return re.sub(r"(\.base_layer)+$", "", name)
+
+
 def file_parameters(modules: list[str], target_parameters: list[str] | None) -> dict[str, str]:
     """Which targeted parameter each file module holds, read from the layout alone (no model).
 
@@ -192,7 +198,7 @@ def file_parameters(modules: list[str], target_parameters: list[str] | None) -> 
         return {}
     nests: dict[str, list[tuple[int, str]]] = {}
     for module in modules:
-        outer = re.sub(r"(\.base_layer)+$", "", module)
+        outer = nest_module(module)
         depth = (len(module) - len(outer)) // len(".base_layer")
         nests.setdefault(outer, []).append((depth, module))
     found = {}

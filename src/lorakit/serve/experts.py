@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from lorakit.adapters import experts
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.peft_format import module_scaling
 from lorakit.errors import LorakitError
+from lorakit.inject import resolve_config, set_submodule
 from lorakit.serve.layers import LoraBatch, SlotContext
 
 
@@ -183,9 +186,6 @@ def install_parameters(model: nn.Module, target_modules: list[str] | str, target
     The 2-D weights are those ``target_parameters`` names, or else those PEFT's MoE rule derives from
     ``target_modules`` (``all-linear`` on a Qwen3-MoE: each router's ``gate.weight``).
     """
-    from lorakit.adapters.config import LoraConfig
-    from lorakit.inject import resolve_config, set_submodule
-
     if target_parameters is None:
         _, _, parameters = resolve_config(model, LoraConfig(target_modules=target_modules), strict=False)
     else:
@@ -217,8 +217,6 @@ def check_parameter(layers: dict[str, tuple[nn.Module, str | None]], key: str, m
         LorakitError: the engine does not serve the parameter, the shapes or rank do not fit, or the
             factors hold NaN/inf.
     """
-    import math
-
     if set(parts) != {"lora_A", "lora_B"}:
         raise LorakitError(f"{source}: {module} ({key}) must hold lora_A.weight and lora_B.weight only")
     if key not in layers:
@@ -237,6 +235,4 @@ def check_parameter(layers: dict[str, tuple[nn.Module, str | None]], key: str, m
                            f"with max_rank >= {r}")
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise LorakitError(f"{source}: {key} holds NaN or inf values")
-    alpha = config.alpha_for(key)
-    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-    return (A.float(), B.float(), scaling, None), r
+    return (A.float(), B.float(), module_scaling(config, key), None), r
