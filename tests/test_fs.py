@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorakit._fs import atomic_folder, atomic_write, atomic_write_text
+from lorakit.errors import LorakitError
 
 
 def test_atomic_write_keeps_the_suffix_and_leaves_nothing_behind(tmp_path):
@@ -23,8 +24,8 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         open(path, "w").write("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
-        atomic_write(tmp_path / "a.txt", fail)
+    with pytest.raises(LorakitError, match=r"writing .*a\.txt failed \(disk full\).*unchanged"):
+        atomic_write(tmp_path / "a.txt", fail)  # the OS error becomes one message naming the target
     assert (tmp_path / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lorakit.errors import LorakitError
+
 
 def atomic_write(target: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(temp_path)`` beside ``target``, then rename the file into place.
@@ -25,9 +27,10 @@ def atomic_write(target: str | Path, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary, shareable files
-        os.replace(tmp, target)
+        with write_failures(target):
+            write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary, shareable files
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -56,17 +59,39 @@ def atomic_folder(target: str | Path, *, prefix: str | None = None, fsync: bool 
     prefix = prefix or f".{target.name}."
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if fsync:
-            for path in sorted(tmp.rglob("*"), reverse=True):  # a folder after what it holds
-                _fsync(path)
-            _fsync(tmp)
-        replace_folder(tmp, target, old=target.parent / f"{prefix}old-{os.getpid()}")
-        if fsync:
-            _fsync(target.parent)
+        with write_failures(target):
+            yield tmp
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+            if fsync:
+                for path in sorted(tmp.rglob("*"), reverse=True):  # a folder after what it holds
+                    _fsync(path)
+                _fsync(tmp)
+            replace_folder(tmp, target, old=target.parent / f"{prefix}old-{os.getpid()}")
+            if fsync:
+                _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def write_failures(target: str | Path) -> Iterator[None]:
+    """Turn a failed write inside the block (disk full, file-size limit, permissions; safetensors
+    reports these as its own error type) into a :class:`LorakitError` naming ``target``, saying
+    that what was there before is unchanged."""
+    try:
+        yield
+    except LorakitError:
+        raise
+    except Exception as err:
+        if not (isinstance(err, OSError) or type(err).__name__ == "SafetensorError"):
+            raise
+        reason = " ".join(str(err.strerror if isinstance(err, OSError) and err.strerror else err).split())[:200]
+        lowered = reason.lower()
+        hint = ("the file-size limit (ulimit -f) was hit; raise it" if "too large" in lowered or "efbig" in lowered
+                else "the disk is full; free space" if "no space" in lowered
+                else "check the folder's permissions and free space")
+        raise LorakitError(f"writing {target} failed ({reason}); {hint} or write elsewhere — the previous "
+                           f"{Path(target).name} (if any) is unchanged and nothing half-written was left") from err
 
 
 def replace_folder(new: Path, target: Path, old: Path | None = None) -> None:

@@ -76,6 +76,7 @@ def add_adapter(
     if config.bias != "none" and any(c.bias != "none" for c in configs.values()):
         raise LorakitError("only one adapter per model may train base biases (bias='all' or 'lora_only')")
     config, targets, parameters = resolve_config(model, config, strict=strict_targets)
+    _find_modules_to_save(model, config)  # a missing entry is refused before the model is changed
     parameter_targets.check_same_parameters(configs, config, name)
     parameter_targets.check_parameters(model, parameters, lambda key: _options(config, key), targets)  # before any change
     for module_name in targets:

@@ -25,8 +25,13 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     Raises:
         LorakitError: an update holds NaN/inf; no weight has been changed.
     """
+    _check_module(model)
     layers = [layer for _, layer in named_adapter_layers(model) if isinstance(layer, LoraLayer)]
     names = active_adapters(model) if names is None else names
+    unknown = [n for n in names if n not in adapter_state(model).configs]
+    if unknown:
+        known = ", ".join(adapter_state(model).configs) or "none"
+        raise LorakitError(f"merge: no adapter named {', '.join(map(repr, unknown))} on this model (it has: {known})")
     for layer in layers:  # check all first: a bad adapter must not leave the model half merged
         todo = [n for n in names if n in layer.options and n not in layer.merged]
         if todo:
@@ -34,6 +39,11 @@ def merge(model: nn.Module, names: list[str] | None = None) -> None:
     _untie(model, [layer for layer in layers if any(n in layer.options and n not in layer.merged for n in names)])
     for layer in layers:
         layer.merge(names)
+
+
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise LorakitError(f"expected a torch nn.Module with adapters, got {type(model).__name__} ({model!r:.80})")
 
 
 def _untie(model: nn.Module, layers: list[LoraLayer]) -> None:
@@ -72,6 +82,7 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None) -> nn.Mod
     ``modules_to_save`` keep their active trained copy. Returns ``model``, now of the base
     architecture, with no trace of lorakit.
     """
+    _check_module(model)
     names = active_adapters(model) if names is None else names
     merge(model, names)
     return _strip(model, keep_trained_copies=True)

@@ -262,6 +262,13 @@ def _str_list(name: str, value: Any) -> list[str]:
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
-    if value is None or isinstance(value, str):
+    if value is None or value == "all-linear":
+        return value
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise LorakitError(f"{name} {value!r}: a string is a regular expression, and this one is invalid "
+                               f"({err}); give a list of module names instead, or fix the pattern") from None
         return value
     return _str_list(name, value)

@@ -293,6 +293,10 @@ def read_shapes(folder: str | Path) -> tuple[dict[str, tuple[int, ...]], Path]:
 
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
+        pickle = Path(folder) / PICKLE_WEIGHTS_NAME
+        if pickle.is_file():
+            raise LorakitError(f"{pickle}: a pickle file; lorakit reads safetensors adapters only (convert it: "
+                               f"load it with torch.load(weights_only=True) and save {WEIGHTS_NAME})")
         raise LorakitError(f"{path}: missing (lorakit reads safetensors adapters only)")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.commands.flags import density, finite_float, non_negative_int, positive_int
+
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # = lorakit.combine.METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="DIR", help="adapter folders (PEFT format), same base model")
-    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+    parser.add_argument("--weights", nargs="+", type=finite_float, metavar="W",
                         help="one weight per adapter (default 1.0 each)")
     parser.add_argument("--method", default="cat", choices=METHODS,
                         help="cat (exact, rank = sum of ranks; default), linear (exact weighted sum), svd (best "
                              "rank-K approximation), ties, dare_linear, dare_ties, magnitude_prune")
-    parser.add_argument("--rank", type=int, metavar="K",
+    parser.add_argument("--rank", type=positive_int, metavar="K",
                         help="rank of the result (default: exact for linear, the largest input rank otherwise)")
-    parser.add_argument("--density", type=float, metavar="D",
+    parser.add_argument("--density", type=density, metavar="D",
                         help="share of entries kept by ties/dare/magnitude_prune (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the DARE masks (default 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the combined adapter")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 

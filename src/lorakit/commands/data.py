@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lorakit.commands.flags import positive_int
 from lorakit.data.config import FORMATS, LONG_ROW_POLICIES
 
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--model", "-m", required=True, metavar="M",
                        help="base model whose tokenizer and chat template to use (id, folder, .gguf, alias)")
     check.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: auto-detect)")
-    check.add_argument("--max-length", type=int, default=512, help="longest row in tokens (default 512)")
+    check.add_argument("--max-length", type=positive_int, default=512, help="longest row in tokens (default 512)")
     check.add_argument("--on-long-row", default="truncate", choices=LONG_ROW_POLICIES,
                        help="rows over --max-length (default: truncate, counted)")
     check.add_argument("--skip-bad-rows", action="store_true",

@@ -11,16 +11,18 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from lorakit.commands.flags import dropout, percent, positive_int
+
 CUDA_RESERVE = 3 << 28  # 0.75 GiB: CUDA context, cuBLAS workspace and allocator slack, not in the plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="M", help="base model: alias, local folder, .gguf file or cached hub id")
     parser.add_argument("--method", default="lora", help="full | lora | qlora | dora | spectrum (default lora)")
-    parser.add_argument("--rank", type=int, default=16, help="adapter rank r (default 16)")
-    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--rank", type=positive_int, default=16, help="adapter rank r (default 16)")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="micro-batch size (default 1)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default 1)")
     parser.add_argument("--gpu", metavar="SIZE", help="GPU memory to fit in: 24GB, 80GiB, 16000MB or a name (4090, a100)")
     parser.add_argument("--dtype", default="bf16", help="base weights and activations: bf16 | fp16 | fp32 (default bf16)")
     parser.add_argument("--adapter-dtype", default="fp32", help="adapter weights: fp32 | bf16 (default fp32)")
@@ -29,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(on MoE models resolved as lorakit train resolves them, experts included where PEFT does)")
     parser.add_argument("--target-parameters", default="", metavar="NAMES",
                         help="comma-separated parameters to adapt directly, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj")
-    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0; >0 keeps more activations)")
+    parser.add_argument("--dropout", type=dropout, default=0.0, help="LoRA dropout (default 0; >0 keeps more activations)")
     parser.add_argument("--engine", default="lorakit", choices=("lorakit", "peft"),
                         help="plan the step as lorakit train runs it (fused adapter layers, chunked loss; default) "
                              "or as PEFT + the model's own loss run it (full logits)")
-    parser.add_argument("--top", type=float, default=25.0, help="Spectrum: percentage selected per module type")
+    parser.add_argument("--top", type=percent, default=25.0, help="Spectrum: percentage selected per module type")
     parser.add_argument("--spectrum-no-embeddings", action="store_true",
                         help="Spectrum: keep embeddings and output head frozen (the reference trains them)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.commands.flags import non_negative_int, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="M", help="base model: hub id, folder, .gguf file or alias")
@@ -23,16 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lm-evaluation-harness tasks to run on the base and each adapter "
                              "(needs: pip install 'lorakit[lm-eval]')")
     parser.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAMLs (with --tasks)")
-    parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per lm-eval task "
+    parser.add_argument("--num-fewshot", type=non_negative_int, metavar="N", help="few-shot examples per lm-eval task "
                         "(default: the task's own)")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N examples (per lm-eval task too)")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N examples (per lm-eval task too)")
     parser.add_argument("--out", default="eval-report", metavar="DIR",
                         help="folder for report.md/json/html, examples.jsonl and report.png (default: eval-report)")
     parser.add_argument("--format", default="auto", help="data format (default: auto-detect)")
-    parser.add_argument("--max-length", type=int, default=1024, help="truncate rows to this many tokens (default 1024)")
+    parser.add_argument("--max-length", type=positive_int, default=1024, help="truncate rows to this many tokens (default 1024)")
     parser.add_argument("--chat-template", default="auto", metavar="T", help="'auto', 'plain', or a Jinja template")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                         help="generation budget (default: longest reference + 50%% + 16, at most 512)")
     parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     parser.add_argument("--metrics", metavar="LIST",
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-schema", metavar="FILE", help="also score answers against this JSON schema")
     parser.add_argument("--general", metavar="FILE",
                         help="general text for the forgetting check (default: the bundled English sample)")
-    parser.add_argument("--general-limit", type=int, metavar="N", help="only the first N rows of the general text")
+    parser.add_argument("--general-limit", type=positive_int, metavar="N", help="only the first N rows of the general text")
     parser.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="compute dtype (default: bf16 on GPU, else fp32)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")

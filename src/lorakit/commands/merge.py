@@ -93,6 +93,7 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise LorakitError(f"{out} already exists; choose another --out or pass --force to replace it")
+    _check_shard_size(max_shard_size)
     for folder in adapters:  # fail before the (slow) model load
         if not (Path(folder) / CONFIG_NAME).is_file():
             raise LorakitError(f"{folder}: no {CONFIG_NAME}; not an adapter folder")
@@ -131,6 +132,18 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
         "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
     })
     return out
+
+
+def _check_shard_size(size: str | int) -> None:
+    import re
+
+    from lorakit.errors import LorakitError
+
+    if isinstance(size, int) and size > 0:
+        return
+    if not isinstance(size, str) or not re.fullmatch(r"\s*\d+(\.\d+)?\s*(TB|GB|MB|KB|TiB|GiB|MiB|KiB|B)?\s*", size,
+                                                   re.IGNORECASE):
+        raise LorakitError(f"--max-shard-size {size!r}: expected a size such as 5GB, 500MB or a number of bytes")
 
 
 def _save(model: Any, tokenizer: Any, out: Path, max_shard_size: str | int, info: dict) -> None:

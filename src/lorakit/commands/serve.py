@@ -21,11 +21,13 @@ Notable:
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import sys
 from pathlib import Path
 
+from lorakit.commands.flags import non_negative_int, port, positive_int
 from lorakit.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_BYTES
 
 API_KEY_ENV = "LORAKIT_API_KEY"
@@ -40,23 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", metavar="DIR",
                         help="let the page's compare view read data files under DIR (and under --adapter-root)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", metavar="K", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer K' on /v1/* (default: ${API_KEY_ENV}, if set)")
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="the base model's name in the API (default: --base)")
-    parser.add_argument("--max-loaded", type=int, default=8, metavar="N", help="adapters resident at once (default 8)")
-    parser.add_argument("--max-rank", type=int, default=16, metavar="R",
+    parser.add_argument("--max-loaded", type=positive_int, default=8, metavar="N", help="adapters resident at once (default 8)")
+    parser.add_argument("--max-rank", type=positive_int, default=16, metavar="R",
                         help="largest adapter rank accepted (default 16)")
-    parser.add_argument("--max-batch", type=int, default=32, metavar="N", help="requests decoded together (default 32)")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+    parser.add_argument("--max-batch", type=positive_int, default=32, metavar="N", help="requests decoded together (default 32)")
+    parser.add_argument("--max-queue", type=non_negative_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                         help=f"requests waiting beyond --max-batch before answering 429 (default {DEFAULT_MAX_QUEUE})")
-    parser.add_argument("--max-context", type=int, metavar="N",
+    parser.add_argument("--max-context", type=positive_int, metavar="N",
                         help="context length per request (default: the model's)")
-    parser.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_BYTES >> 20, metavar="N",
+    parser.add_argument("--prefix-cache-mb", type=non_negative_int, default=DEFAULT_PREFIX_CACHE_BYTES >> 20, metavar="N",
                         help=f"memory for cached prompt prefixes, per server (default {DEFAULT_PREFIX_CACHE_BYTES >> 20}; "
                              "0: off)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="B",
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="B",
                         help="largest request body; 413 above it (default 4 MiB)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights dtype (default: by device)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    check_port_free(args.host, args.port)  # before minutes of model loading, not after
     app = build_app(args)
     served = [app.state.server.model_name, *app.state.server.engine.registry.names()]
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -104,6 +107,29 @@ def build_app(args: argparse.Namespace):
                                     prefix_cache_bytes=max(0, args.prefix_cache_mb) << 20)
     return create_app(engine, name, api_key=args.api_key, adapter_root=args.adapter_root, data_root=args.data_root,
                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a ``--host``/``--port`` that cannot be bound (in use, or an address not on this machine).
+
+    Raises:
+        LorakitError: naming the address and what to do.
+    """
+    import socket
+
+    from lorakit.errors import LorakitError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise LorakitError(f"--port {port}: {host}:{port} is already in use (another server?); stop it or "
+                                   "choose another port with --port") from None
+            raise LorakitError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); use an "
+                               "address of this machine (default 127.0.0.1) and a port you may open") from None
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     snippet = yaml_snippet(results, args.top, args.model)
     if args.out:
         out = Path(args.out)
+        from lorakit._fs import atomic_write_text
+
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, snippet)

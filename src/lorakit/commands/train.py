@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.commands.flags import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]",
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="auto|DIR",
                         help="continue from the latest checkpoint in the output folder (auto) or from DIR")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    parser.add_argument("--nproc", type=int, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, metavar="N",
                         help="train with N processes on this machine (one per GPU): runs torchrun for you")
 
 

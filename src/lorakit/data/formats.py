@@ -132,8 +132,9 @@ def _conversation(row: Row, key: str, items: list, role_key: str, text_key: str,
         if not isinstance(item, dict):
             raise BadRow(row.where, f"{path} must be an object with '{role_key}' and '{text_key}'", row.line)
         role = item.get(role_key)
-        if role not in roles:
-            raise BadRow(row.where, f"{path}.{role_key}: unknown role {role!r} "
+        if not isinstance(role, str) or role not in roles:  # a list or object as role is no key to look up
+            shown = repr(role) if isinstance(role, str) else _short(role)
+            raise BadRow(row.where, f"{path}.{role_key}: unknown role {shown} "
                                     f"(expected one of {', '.join(roles)})", row.line)
         if text_key not in item:
             raise BadRow(row.where, f"{path}: missing '{text_key}'", row.line)

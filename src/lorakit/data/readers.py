@@ -48,8 +48,11 @@ def file_kind(path: str) -> str:
     Raises:
         LorakitError: for a missing file or an unknown suffix.
     """
+    if os.path.isdir(path):
+        raise LorakitError(f"{path}: is a folder; expected a data file (.jsonl, .json, .csv or .parquet)")
     if not os.path.isfile(path):
-        raise LorakitError(f"{path}: no such data file")
+        raise LorakitError(f"{path}: no such data file; check the path (relative paths start in the "
+                           f"current folder, {os.getcwd()})")
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
         raise LorakitError(f"{path}: unknown data file type '{suffix}' (expected {', '.join(SUFFIXES)})")

@@ -25,7 +25,7 @@ from lorakit._fs import atomic_write
 from lorakit.data.config import DataConfig
 from lorakit.data.dataset import TokenizedDataset
 from lorakit.data.formats import Sample, detect_format, to_sample
-from lorakit.data.readers import BadRow, file_hash, iter_rows
+from lorakit.data.readers import BadRow, file_hash, file_kind, iter_rows
 from lorakit.data.templates import IGNORE, encode_chat, encode_text, resolve_template
 from lorakit.errors import LorakitError
 from lorakit.models import cache_dir
@@ -98,6 +98,7 @@ def tokenize_file(path: str, tokenizer: Any, config: DataConfig, *, use_cache: b
     Raises:
         LorakitError: for a bad file, or a bad row under ``on_bad_row: error``.
     """
+    file_kind(path)  # a missing file or an unknown suffix is reported before hashing or tokenising
     template = resolve_template(tokenizer, config.chat_template)
     if not (config.cache if use_cache is None else use_cache):
         return _tokenize(path, tokenizer, template, config)
@@ -106,7 +107,12 @@ def tokenize_file(path: str, tokenizer: Any, config: DataConfig, *, use_cache: b
     if cached is not None:
         return cached
     dataset, report = _tokenize(path, tokenizer, template, config)
-    _save_cache(cache_path, dataset, report)
+    try:
+        _save_cache(cache_path, dataset, report)
+    except (OSError, LorakitError) as err:  # the cache only saves time: say so, keep the result
+        logging.getLogger("lorakit.cache").warning(
+            "could not write the token cache %s (%s); continuing without it, the next run tokenises again",
+            cache_path, getattr(err, "strerror", None) or err)
     return dataset, report
 
 
@@ -154,6 +160,10 @@ def _tokenize(path: str, tokenizer: Any, template: str, config: DataConfig) -> t
             continue
         if not ids:
             _bad_row(BadRow(sample.where, "the row tokenises to nothing", sample.line), config, report)
+            continue
+        if sample.input_ids is not None and max(ids) >= len(tokenizer):
+            _bad_row(BadRow(sample.where, f"token id {max(ids):,} is outside the tokenizer's vocabulary "
+                                          f"(ids 0 to {len(tokenizer) - 1:,})", sample.line), config, report)
             continue
         kept = _fit_length(sample, ids, labels, config, report)
         if kept is not None:

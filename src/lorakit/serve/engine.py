@@ -106,6 +106,8 @@ class Engine:
             raise LorakitError(f"strategy must be 'grouped' or 'gather', got {strategy!r}")
         if max_batch < 1:
             raise LorakitError(f"max_batch must be >= 1, got {max_batch}")
+        if max_context is not None and max_context < 1:
+            raise LorakitError(f"max_context must be >= 1 (or None for the model's), got {max_context}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.registry = AdapterRegistry(model, max_resident=max_resident, max_rank=max_rank,

@@ -61,6 +61,7 @@ from lorakit.serve.engine import ContextLengthExceededError, Engine
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.jobs import Job
 from lorakit.serve.logprobs import TokenStrings
+from lorakit.serve.openapi import describe_bodies
 from lorakit.serve.page import add_page
 from lorakit.serve.protocol import (MAX_CHOICES, APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
                                     UnloadAdapterRequest, parse_request)
@@ -105,7 +106,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, a
         if started:
             engine.stop()
 
-    app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
     auth = [Depends(server.authorize)]
     app.add_api_route("/v1/models", server.models, methods=["GET"], dependencies=auth)
@@ -118,6 +119,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, a
     app.add_api_route("/metrics", server.render_metrics, methods=["GET"])
     roots = {label: root for label, root in (("data", data_root), ("adapter", adapter_root)) if root is not None}
     add_page(app, engine, server.adapter_for, auth, data_roots=roots, max_upload_bytes=max_body_bytes)
+    describe_bodies(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+                          "/v1/load_lora_adapter": LoadAdapterRequest, "/v1/unload_lora_adapter": UnloadAdapterRequest})
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

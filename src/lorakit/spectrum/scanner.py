@@ -89,11 +89,15 @@ def scan(folder: str | Path, *, progress: Progress | None = None, cache_dir: str
         return [MatrixSnr(**{**r, "shape": tuple(r["shape"])}) for r in json.loads(cache_file.read_text())]
     todo: list[tuple[Path, str, str, int]] = []
     for f in _shard_files(folder):
-        with safetensors.safe_open(f, framework="pt") as sf:
-            for name in sf.keys():
-                kind = module_type(name)
-                if kind is not None and len(sf.get_slice(name).get_shape()) == 2 and not is_expert_weight(name):
-                    todo.append((f, name, *kind))
+        try:
+            with safetensors.safe_open(f, framework="pt") as sf:
+                for name in sf.keys():
+                    kind = module_type(name)
+                    if kind is not None and len(sf.get_slice(name).get_shape()) == 2 and not is_expert_weight(name):
+                        todo.append((f, name, *kind))
+        except Exception as err:  # safetensors' own error type for a truncated or corrupt header
+            raise LorakitError(f"{f}: not a readable safetensors file ({err}); it is truncated or corrupt — "
+                               "copy or download the model again") from None
     if not todo:
         raise LorakitError(f"{folder}: no per-layer 2-D weights (names like model.layers.N.….weight) to rank")
     todo.sort(key=lambda t: (t[3], t[1]))

@@ -445,7 +445,7 @@ def _patience_exhausted(run: Run) -> bool:
 
 def _final_adapter(run: Run) -> Path:
     """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one."""
-    from lorakit._fs import replace_folder
+    from lorakit._fs import replace_folder, write_failures
 
     target, tmp = run.output / "adapter", run.output / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -457,7 +457,8 @@ def _final_adapter(run: Run) -> Path:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
     else:
-        ckpt.save_weights(run.model, tmp)
+        with write_failures(target):
+            ckpt.save_weights(run.model, tmp)
     replace_folder(tmp, target)  # the previous adapter stays whole until the new one is complete
     return target
 
