@@ -16,6 +16,7 @@ from torch import nn
 from lorakit import parameter_targets
 from lorakit.adapters.lora import LoraLayer
 from lorakit.adapters.parameter import LoraParameter
+from lorakit.errors import LorakitError
 from lorakit.inject import active_adapters, adapter_state, named_adapter_layers, set_submodule
 
 

@@ -176,6 +176,16 @@ def _other_cases():
     yield "data check", "chat-template/jinja-syntax", True, \
         lambda w: (["data", "check", w.data, "--model", w.model, "--chat-template", "{% for m in messages %}{{ m"],
                    ["template"])
+    yield "eval", "tasks/nothing-to-do", True, lambda w: (["eval", "--base", w.model], ["--data", "--tasks"])
+    yield "eval", "tasks/include-path-alone", True, \
+        lambda w: (["eval", "--base", w.model, "--data", w.data, "--include-path", w.root], ["--include-path"])
+    yield "eval", "tasks/unknown", True, \
+        lambda w: (["eval", "--base", w.model, "--tasks", "no_such_task_xyz"], ["no_such_task_xyz"])
+    yield "eval", "tasks/include-path-missing", True, \
+        lambda w: (["eval", "--base", w.model, "--tasks", "mine", "--include-path", w.root / "no-tasks-here"],
+                   ["no-tasks-here"])
+    yield "eval", "flag/--num-fewshot=-1", True, \
+        lambda w: (["eval", "--base", w.model, "--tasks", "x", "--num-fewshot=-1"], ["--num-fewshot", "-1"])
     yield "train", "resume/missing", True, \
         lambda w: (["train", w.config, "--resume", w.root / "no-checkpoint"], ["no-checkpoint"])
 
