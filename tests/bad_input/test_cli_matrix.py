@@ -44,6 +44,10 @@ def _model_cases():
             lambda w, bad=bad: (["spectrum", bad(w)[0], "--no-cache"], [bad(w)[1]])
         yield "estimate", f"model/{family}", family not in WEIGHTS, \
             lambda w, bad=bad: (["estimate", bad(w)[0]], [bad(w)[1]])
+        # the adapter form reads a transformers base's config.json only (the layout), not its weights
+        yield "export", f"model/{family}", family != "truncated_safetensors", \
+            lambda w, bad=bad, family=family: (["export", w.adapter, "--to", "gguf", "--base", bad(w)[0],
+                                                "--out", w.root / f"export-{family}.gguf"], [bad(w)[1]])
 
 
 def _adapter_cases():
@@ -63,6 +67,9 @@ def _adapter_cases():
         yield "serve", f"adapter/{family}", True, \
             lambda w, bad=bad: (["serve", "--base", w.model, "--adapter", f"bad={bad(w)[0]}", "--port", "0"],
                                 [bad(w)[1]])
+        yield "export", f"adapter/{family}", True, \
+            lambda w, bad=bad, family=family: (["export", bad(w)[0], "--to", "gguf", "--base", w.model,
+                                                "--out", w.root / f"export-{family}.gguf"], [bad(w)[1]])
 
 
 def _data_cases():
@@ -200,7 +207,7 @@ def test_matrix_size():
     print(f"{len(CASES)} CLI cases; by command: {dict(by_command)}; by family: {dict(by_family)}")
     assert len(CASES) >= 150
     assert set(by_command) >= {"data check", "train", "eval", "merge", "combine", "serve", "inspect", "spectrum",
-                               "estimate"}
+                               "estimate", "export"}
 
 
 @pytest.mark.parametrize("build", [c[3] for c in CASES], ids=[f"{c[0]}:{c[1]}" for c in CASES])
