@@ -153,15 +153,17 @@ def write_gguf(out: Path, arch: str, fields: list[Field], tensors: list[Planned]
 
     created = _make_parents(out)
     try:
-        atomic_write(out, write)
-    except OSError as err:
-        for folder in created:
+        atomic_write(out, write)  # a failed write is a LorakitError naming out (lorakit._fs.write_failures)
+    except BaseException as err:
+        for folder in created:  # the folders made for out go too: nothing is left behind
             try:
                 folder.rmdir()
             except OSError:
                 pass
-        reason = err.strerror or str(err)
-        raise LorakitError(f"cannot write {out}: {reason}; choose a writable --out (nothing was written)") from None
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err)
+            raise LorakitError(f"cannot write {out}: {reason}; choose a writable --out (nothing was written)") from None
+        raise
 
 
 def _make_parents(out: Path) -> list[Path]:
