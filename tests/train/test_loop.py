@@ -220,7 +220,9 @@ def test_training_tokens_per_s_excludes_evaluation_time(tmp_path, model_dir):
         last = [r for r in rows if "loss" in r][-1]
         evals = [r for r in rows if "eval_loss" in r]
         assert len(evals) == 3
-        assert last["tokens_per_s"] == pytest.approx(last["tokens"] / last["train_s"], rel=1e-3)
+        # train_s is logged to the millisecond: on a fast machine (6 steps in ~0.2 s) that rounding alone is 0.25 %
+        assert last["tokens_per_s"] == pytest.approx(last["tokens"] / last["train_s"],
+                                                     rel=1e-3 + 0.0005 / last["train_s"])
         rate[name] = last["tokens_per_s"]
         if name == "slow":
             assert all(r["eval_s"] >= 1.5 for r in evals)  # the evaluation's own time, reported apart
