@@ -73,10 +73,7 @@ def expert_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int)
     Returns:
         A as (E, r, in) and B as (E, out, r), contiguous.
     """
-    out = lora_B.shape[0]
-    A = lora_A.view(num_experts, -1, lora_A.shape[-1])
-    B = lora_B.view(out, -1, num_experts).permute(2, 0, 1).contiguous()
-    return A, B
+    return lora_A.view(num_experts, -1, lora_A.shape[-1]), _experts_major(lora_B, num_experts)
 
 
 def is_interface_experts(module: nn.Module) -> bool:
@@ -198,8 +195,8 @@ def _expert_linear(module: nn.Module, name: str, x: torch.Tensor, offsets: torch
             y = y.index_add(0, pairs, z.to(y.dtype))
             continue
         z = ExpertLoraFn.apply(x if source is None else source, None if source is None else rows, update.A,
-                               update.B, update.experts, offsets, update.scaling, dtype)
-        y = y + z.to(y.dtype)
+                               update.B, update.experts, offsets, update.scaling, dtype, x.detach())
+        y = y.add_(z.to(y.dtype))  # y is a fresh product nothing saved for backward: no new (S, out) tensor
     return y
 
 
@@ -207,33 +204,37 @@ class ExpertLoraFn(torch.autograd.Function):
     """``z = s · (x A_eᵀ) B_eᵀ`` per expert group, ``x = source[rows]`` (or ``source``), in ``dtype``.
 
     Keeps ``source`` (for the first expert weight: the layer's tokens, top_k times smaller than the
-    routed pairs), ``rows``, the factors in the compute layout and the rank-r ``h = x A_eᵀ`` (S, r).
+    routed pairs), ``rows``, the factors in the compute layout and the rank-r ``h = s · x A_eᵀ``
+    (S, r; the scale is applied there, on r columns, not on the out columns of z or dB).
     Backward, from ``g = dz``::
 
-        dB_e = s · g_eᵀ h_e          dh = s · g B_e          (rank r)
+        dB_e = g_eᵀ h_e              dh = s · g B_e          (rank r)
         dA_e = dh_eᵀ x_e             dx = dh A_e, scattered back to source through rows
 
     with ``x`` gathered (and cast) again. Nothing of size (E, out, in) in either pass. With
     ``experts`` set, ``A`` and ``B`` are PEFT's stacked parameters: expert e's factors are laid
-    out (and cast) here in one pass, and their gradients go back to PEFT's layout in one pass.
+    out (and cast) here, and their gradients go back to PEFT's layout, each in one cast and at most
+    one 2-D transpose (``lora_B`` (out, r·E) rank-major is an (out·r, E) matrix whose transpose is
+    (E, out, r): every expert's B_e, contiguous — N-d permuted copies are several times slower).
+    ``gathered`` (optional): ``source[rows]`` already gathered by the caller, used in forward only.
     """
 
     @staticmethod
-    def forward(ctx, source, rows, A, B, experts: int | None, offsets, scaling: float, dtype: torch.dtype):
-        x = (source if rows is None else source[rows]).to(dtype)  # (S, in)
+    def forward(ctx, source, rows, A, B, experts: int | None, offsets, scaling: float, dtype: torch.dtype,
+                gathered: torch.Tensor | None = None):
+        x = (gathered if gathered is not None else source if rows is None else source[rows]).to(dtype)  # (S, in)
         ctx.factor_dtypes, ctx.experts, ctx.B_shape = (A.dtype, B.dtype), experts, B.shape
         if experts is None:
             At = A.to(dtype).transpose(-2, -1)  # (E, in, r)
             Bt = B.to(dtype).transpose(-2, -1)  # (E, r, out)
-        else:  # lora_A (r·E, in) is expert-major: a view; lora_B (out, r·E) is rank-major: one copy
+        else:  # lora_A (r·E, in) is expert-major: a view; lora_B (out, r·E) is rank-major: one transpose
             At = A.view(experts, -1, A.shape[-1]).to(dtype).transpose(-2, -1)
-            layout = B.view(B.shape[0], -1, experts).permute(2, 1, 0)  # (E, r, out), strided
-            Bt = torch.empty(layout.shape, dtype=dtype, device=B.device).copy_(layout)
-        h = grouped_mm(x, At, offsets)  # (S, r): the rank-r path stays small
+            Bt = _experts_major(B.to(dtype), experts).transpose(-2, -1)  # (E, r, out), each column-major
+        h = grouped_mm(x, At, offsets).mul_(scaling)  # (S, r), scaled: the rank-r path stays small
         z = grouped_mm(h, Bt, offsets)  # (S, out)
         ctx.save_for_backward(source, rows, At, Bt, h, offsets)
         ctx.scaling, ctx.dtype = scaling, dtype
-        return z.mul_(scaling)
+        return z
 
     @staticmethod
     def backward(ctx, g):
@@ -243,12 +244,11 @@ class ExpertLoraFn(torch.autograd.Function):
         dh = grouped_mm(g, Bt.transpose(-2, -1), offsets).mul_(s)  # (S, r)
         dA = dB = dsource = None
         if ctx.needs_input_grad[3]:
-            dBt = grouped_outer(h, g, offsets).mul_(s)  # (E, r, out)
+            dBt = grouped_outer(h, g, offsets)  # (E, r, out), s included in h; (g, h) would transpose g
             if experts is None:
                 dB = dBt.transpose(-2, -1).to(ctx.factor_dtypes[1])  # (E, out, r)
-            else:  # back to lora_B's (out, r·E) layout and dtype, one pass
-                dB = torch.empty(ctx.B_shape, dtype=ctx.factor_dtypes[1], device=g.device)
-                dB.view(ctx.B_shape[0], -1, experts).copy_(dBt.permute(2, 1, 0))
+            else:  # back to lora_B's (out, r·E) rank-major layout: rows of out moved, one 2-D transpose, a cast
+                dB = dBt.transpose(0, 1).reshape(-1, dBt.shape[-1]).t().contiguous().to(ctx.factor_dtypes[1])
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             if ctx.needs_input_grad[2]:
                 x = (source if rows is None else source[rows]).to(ctx.dtype)
@@ -257,7 +257,13 @@ class ExpertLoraFn(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = grouped_mm(dh, At.transpose(-2, -1), offsets).to(source.dtype)  # (S, in)
                 dsource = dx if rows is None else torch.zeros_like(source).index_add_(0, rows, dx)
-        return dsource, None, dA, dB, None, None, None, None
+        return dsource, None, dA, dB, None, None, None, None, None
+
+
+def _experts_major(B: torch.Tensor, experts: int) -> torch.Tensor:
+    """PEFT's rank-major ``lora_B`` (out, r·E) as (E, out, r), contiguous: one 2-D transpose."""
+    out = B.shape[0]
+    return B.reshape(-1, experts).t().contiguous().view(experts, out, -1)
 
 
 def _branch_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
