@@ -83,15 +83,24 @@ def write_failures(target: str | Path) -> Iterator[None]:
     except LorakitError:
         raise
     except Exception as err:
-        if not (isinstance(err, OSError) or type(err).__name__ == "SafetensorError"):
+        failure = write_failure(target, err)
+        if failure is None:
             raise
-        reason = " ".join(str(err.strerror if isinstance(err, OSError) and err.strerror else err).split())[:200]
-        lowered = reason.lower()
-        hint = ("the file-size limit (ulimit -f) was hit; raise it" if "too large" in lowered or "efbig" in lowered
-                else "the disk is full; free space" if "no space" in lowered
-                else "check the folder's permissions and free space")
-        raise LorakitError(f"writing {target} failed ({reason}); {hint} or write elsewhere — the previous "
-                           f"{Path(target).name} (if any) is unchanged and nothing half-written was left") from err
+        raise failure from err
+
+
+def write_failure(target: str | Path, err: BaseException | None) -> LorakitError | None:
+    """The :class:`LorakitError` for ``err`` when it is a failed write of ``target`` (what failed,
+    the likely cause, that the previous ``target`` is unchanged); None for any other error."""
+    if not (isinstance(err, OSError) or type(err).__name__ == "SafetensorError"):
+        return None
+    reason = " ".join(str(err.strerror if isinstance(err, OSError) and err.strerror else err).split())[:200]
+    lowered = reason.lower()
+    hint = ("the file-size limit (ulimit -f) was hit; raise it" if "too large" in lowered or "efbig" in lowered
+            else "the disk is full; free space" if "no space" in lowered
+            else "check the folder's permissions and free space")
+    return LorakitError(f"writing {target} failed ({reason}); {hint} or write elsewhere — the previous "
+                        f"{Path(target).name} (if any) is unchanged and nothing half-written was left")
 
 
 def replace_folder(new: Path, target: Path, old: Path | None = None) -> None:

@@ -104,6 +104,50 @@ def test_combine_fails_whole_and_the_previous_output_stays(world, tmp_path):
     assert_adapter_loads(out, world.model)
 
 
+# `lorakit train` in a child process whose file-size limit drops to LIMIT the moment the run starts
+# writing its final adapter (the audit event of creating the adapter's temporary folder): the disk
+# "fills" after the last checkpoint was written, where a real run's does.
+TRAIN_UNTIL_FINAL_ADAPTER = f"""
+import os, resource, signal, sys
+from pathlib import Path
+
+def fill_the_disk(event, args):
+    if event == "os.mkdir" and Path(os.fsdecode(args[0])).name == ".adapter.tmp":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+sys.addaudithook(fill_the_disk)
+from lorakit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_whose_final_adapter_save_fails_keeps_the_old_adapter_and_a_resume_writes_it(world, tmp_path):
+    run = tmp_path / "run"
+    common = [world.config, f"output={run}", "train.save_every=2"]
+    first = lorakit("train", *common, "train.max_steps=2", "--quiet", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    FAULTS["injected"] += 1
+    env = {**os.environ, "LORAKIT_CACHE": str(tmp_path / "cache")}
+    failed = subprocess.run([sys.executable, "-c", TRAIN_UNTIL_FINAL_ADAPTER, "train", *map(str, common),
+                             "train.max_steps=4", "--quiet", "--resume", "auto"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert_failed_cleanly(failed, str(run / "adapter"), "step-000004", "--resume")
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before  # the old adapter, whole
+    assert_adapter_loads(run / "adapter", world.model)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # nothing half-written left
+    trained = assert_adapter_loads(run / "checkpoints" / "step-000004", world.model)  # nothing trained is lost
+
+    resumed = lorakit("train", *common, "train.max_steps=4", "--quiet", "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    written = assert_adapter_loads(run / "adapter", world.model)
+    assert written.keys() == trained.keys() and all(torch.equal(written[k], trained[k]) for k in trained)
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 4  # the resume wrote the adapter, it did not train on
+
+
 SAVE_ADAPTER = """
 import sys, torch, lorakit
 from transformers import AutoModelForCausalLM

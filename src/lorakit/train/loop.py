@@ -444,22 +444,36 @@ def _patience_exhausted(run: Run) -> bool:
 
 
 def _final_adapter(run: Run) -> Path:
-    """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one."""
-    from lorakit._fs import replace_folder, write_failures
+    """Write ``output/adapter``: the best checkpoint's adapter with ``keep_best``, else the last one.
+
+    A failed write (a full disk, a file-size limit) leaves the previous adapter whole and names the
+    checkpoint that holds the trained weights, from which ``--resume auto`` writes the adapter.
+    """
+    from lorakit._fs import replace_folder, write_failure, write_failures
 
     target, tmp = run.output / "adapter", run.output / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     best = run.state.best_step
     source = run.output / "checkpoints" / f"step-{best:06d}" if best is not None else None
-    if run.cfg.keep_best and source is not None and best != run.state.step and source.is_dir():
-        tmp.mkdir(parents=True)
-        for name in ckpt.WEIGHT_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-    else:
+    try:
         with write_failures(target):
-            ckpt.save_weights(run.model, tmp)
-    replace_folder(tmp, target)  # the previous adapter stays whole until the new one is complete
+            if run.cfg.keep_best and source is not None and best != run.state.step and source.is_dir():
+                tmp.mkdir(parents=True)
+                for name in ckpt.WEIGHT_FILES:
+                    if (source / name).is_file():
+                        shutil.copy2(source / name, tmp / name)
+            else:
+                ckpt.save_weights(run.model, tmp)
+            replace_folder(tmp, target)  # the previous adapter stays whole until the new one is complete
+    except LorakitError as err:
+        failure = write_failure(target, err.__cause__) if err.__cause__ is not None else err
+        if failure is None or run.last_checkpoint is None:
+            raise
+        raise LorakitError(f"{failure}. The trained weights are safe in {run.last_checkpoint}: run the same "
+                           "command with --resume auto to write the adapter from it without training again"
+                           ) from err.__cause__
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
