@@ -114,6 +114,8 @@ class World:
     bad_adapters: dict[str, tuple[Path, str]]
     bad_data: dict[str, tuple[Path, str]]
     bad_yaml: dict[str, tuple[Path, str]]
+    no_template: Path
+    """``model`` with its chat template removed (``messages`` data needs one)."""
 
 
 def build_world(root: Path, tiny_model_dir) -> World:
@@ -170,6 +172,9 @@ def build_world(root: Path, tiny_model_dir) -> World:
     empty_gguf = root / "empty.gguf"
     empty_gguf.write_bytes(b"")
     bad_models["empty_gguf"] = (empty_gguf, "empty.gguf")
+    no_template = copy_model("no-chat-template")
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    _edit_json(no_template / "tokenizer_config.json", chat_template=None)
 
     # -- adapters
     bad_adapters: dict[str, tuple[Path, str]] = {}
@@ -269,7 +274,7 @@ def build_world(root: Path, tiny_model_dir) -> World:
                                 "gone.jsonl")
     bad_yaml["model_missing"] = (yaml_file("modelmissing.yaml", good.replace(str(model), str(root / "gone-model"))),
                                  "gone-model")
-    return World(root, model, adapter, data, config, bad_models, bad_adapters, bad_data, bad_yaml)
+    return World(root, model, adapter, data, config, bad_models, bad_adapters, bad_data, bad_yaml, no_template)
 
 
 def _yaml(model: Path, data: Path, output: Path) -> str:

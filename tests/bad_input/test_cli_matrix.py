@@ -193,6 +193,15 @@ def _other_cases():
                    ["no-tasks-here"])
     yield "eval", "flag/--num-fewshot=-1", True, \
         lambda w: (["eval", "--base", w.model, "--tasks", "x", "--num-fewshot=-1"], ["--num-fewshot", "-1"])
+    # a tokenizer without a chat template, for `messages` data: the row, the model and the fix are named
+    no_template = ["train.jsonl line 1", "no-chat-template", "has none", "chat_template: plain"]
+    yield "data check", "chat-template/none", True, \
+        lambda w: (["data", "check", w.data, "--model", w.no_template, "--no-cache"], no_template)
+    yield "train", "chat-template/none", True, \
+        lambda w: (["train", w.config, f"model={w.no_template}", "--quiet"], no_template)
+    yield "eval", "chat-template/none", True, \
+        lambda w: (["eval", "--base", w.no_template, "--adapter", w.adapter, "--data", w.data,
+                    "--out", w.root / "eval-out", "--quiet"], no_template)
     yield "train", "resume/missing", True, \
         lambda w: (["train", w.config, "--resume", w.root / "no-checkpoint"], ["no-checkpoint"])
 
@@ -214,6 +223,15 @@ def test_matrix_size():
 def test_refused(world, build):
     argv, culprits = build(world)
     refused(argv, *culprits)
+
+
+def test_plain_template_on_request_trains_where_auto_refused(world):
+    from bad_input.bad_helpers import run_cli
+
+    result = run_cli(["data", "check", world.data, "--model", world.no_template, "--no-cache",
+                      "--chat-template", "plain"])
+    assert result.code == 0, result.err
+    assert "12" in result.out, result.out
 
 
 def test_serve_refuses_a_port_in_use_before_loading_the_model(world):

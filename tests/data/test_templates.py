@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from data.data_helpers import GENERATION_TEMPLATE, bare_tokenizer, inst_tokenizer, marked, smol_tokenizer
 
-from lorakit.data.templates import PLAIN_TEMPLATE, encode_chat, encode_text, resolve_template
+from lorakit.data.templates import PLAIN_TEMPLATE, NoChatTemplate, encode_chat, encode_text, resolve_template
 from lorakit.errors import LorakitError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -54,10 +54,19 @@ def test_inst_template_without_generation_prompt():
         (" [", F), ("/", F), ("INST", F), ("]", F), (" ", T), ("5", T), ("<|im_end|>", T)]
 
 
-def test_plain_fallback_for_a_tokenizer_without_template():
+def test_a_tokenizer_without_template_is_refused_for_conversations_under_auto():
     tokenizer = bare_tokenizer()
-    assert resolve_template(tokenizer) == PLAIN_TEMPLATE
-    rows = encode(tokenizer)
+    assert resolve_template(tokenizer) == ""
+    with pytest.raises(NoChatTemplate, match=r"has none \(data.chat_template: auto\); set data.chat_template: plain"):
+        encode(tokenizer)
+    ids, labels = encode_text(tokenizer, "hello world")  # text rows need no template
+    assert ids == labels == [28120, 905, tokenizer.eos_token_id]
+
+
+def test_plain_template_on_request_for_a_tokenizer_without_template():
+    tokenizer = bare_tokenizer()
+    assert resolve_template(tokenizer, "plain") == PLAIN_TEMPLATE
+    rows = encode(tokenizer, "plain")
     header = [("###", F), (" Assistant", F), (":", F), ("\n", F)]
     assert rows[:9] == [("###", F), (" System", F), (":", F), ("\n", F), ("Be", F), (" brief", F), (".", F),
                         ("\n", F), ("\n", F)]

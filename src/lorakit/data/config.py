@@ -43,7 +43,7 @@ class DataConfig:
     last_turn_only: bool = False
     """Train only on the final assistant turn of each conversation."""
     chat_template: str = "auto"
-    """``auto`` (the tokenizer's own, else the plain fallback), ``plain``, or a Jinja template."""
+    """``auto`` (the tokenizer's own; conversations are refused when it has none), ``plain``, or a Jinja template."""
     on_bad_row: str = "error"
     """``error`` stops at the first malformed row with its location; ``skip`` counts and reports it."""
     on_long_row: str = "truncate"

@@ -1,7 +1,7 @@
 """Chat templates and exact answer masks.
 
-A conversation is rendered with the tokenizer's own chat template (or a plain fallback for models
-without one) and tokenised in one piece, exactly as the model will see it at inference. Which
+A conversation is rendered with the tokenizer's own chat template (``chat_template: auto``), or
+lorakit's plain template when asked for (``chat_template: plain``), and tokenised in one piece, exactly as the model will see it at inference. Which
 tokens are trained is decided in *character* space and mapped to tokens by their offsets:
 
 - templates with ``{% generation %}`` markers give the assistant spans directly;
@@ -14,6 +14,11 @@ tokens are trained is decided in *character* space and mapped to tokens by their
 
 A token is trained when its first character lies inside an answer span, so the end-of-turn token
 (``<|im_end|>``, ``</s>``, ``<|eot_id|>``) is trained — the model learns to stop.
+
+A tokenizer without a chat template gets none under ``auto``: a conversation is then refused
+(:class:`NoChatTemplate`) rather than silently rendered in a format the model's serving stack will
+not use; ``plain`` or a Jinja template is the user's explicit choice. Text and pre-tokenised rows
+need no template.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from lorakit.errors import LorakitError
 
 IGNORE = -100
 
-# The fallback for tokenizers without a chat template: readable markers and the EOS token after
+# lorakit's own template (``chat_template: plain``), for tokenizers without one: readable markers and the EOS token after
 # each answer so that generation stops. Like plain text, it is tokenised with the tokenizer's own
 # special tokens (BOS for Llama-style tokenizers).
 PLAIN_TEMPLATE = (
@@ -39,16 +44,28 @@ PLAIN_TEMPLATE = (
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+class NoChatTemplate(LorakitError):
+    """A conversation was to be rendered under ``chat_template: auto`` and the tokenizer has no template."""
+
+    def __init__(self, tokenizer: Any):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        super().__init__(
+            f"`messages` rows need a chat template and the tokenizer of {name} has none (data.chat_template: "
+            "auto); set data.chat_template: plain for lorakit's '### User:' / '### Assistant:' template "
+            "(--chat-template plain for `lorakit data check` and `lorakit eval`), or give a Jinja template")
+
+
 def resolve_template(tokenizer: Any, setting: str = "auto") -> str:
     """The Jinja template to render conversations with.
 
     Args:
         tokenizer: a transformers tokenizer.
-        setting: ``auto`` (the tokenizer's template, else :data:`PLAIN_TEMPLATE`), ``plain``, or a
+        setting: ``auto`` (the tokenizer's template), ``plain`` (:data:`PLAIN_TEMPLATE`), or a
             Jinja template string.
 
     Returns:
-        The template source.
+        The template source; ``""`` for ``auto`` when the tokenizer has no template (rendering a
+        conversation with it raises :class:`NoChatTemplate`; text rows need none).
     """
     if setting == "plain":
         return PLAIN_TEMPLATE
@@ -56,7 +73,7 @@ def resolve_template(tokenizer: Any, setting: str = "auto") -> str:
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, dict):  # several named templates: the default one
             own = own.get("default")
-        return own or PLAIN_TEMPLATE
+        return own or ""
     if "{{" not in setting and "{%" not in setting:
         raise LorakitError(f"data.chat_template: expected 'auto', 'plain' or a Jinja template, got {setting!r}")
     return setting
@@ -74,7 +91,13 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, str]], *,
     Returns:
         The text and, for templates with generation markers, the character spans of the
         ``{% generation %}`` blocks (otherwise an empty list).
+
+    Raises:
+        NoChatTemplate: ``template`` is empty (``auto`` for a tokenizer without a template).
+        LorakitError: the template failed on these messages.
     """
+    if not template:
+        raise NoChatTemplate(tokenizer)
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
@@ -127,7 +150,7 @@ def encode_chat(tokenizer: Any, template: str, messages: list[dict[str, str]], *
         equal ``input_ids`` elsewhere (not shifted: the model shifts).
     """
     full, spans = answer_spans(tokenizer, template, messages)
-    # Real chat templates write their own BOS; the plain fallback relies on the tokenizer for it.
+    # Real chat templates write their own BOS; the plain template relies on the tokenizer for it.
     encoded = tokenizer(full, add_special_tokens=template == PLAIN_TEMPLATE, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     if train_on_inputs:

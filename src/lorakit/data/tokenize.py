@@ -26,7 +26,7 @@ from lorakit.data.config import DataConfig
 from lorakit.data.dataset import TokenizedDataset
 from lorakit.data.formats import Sample, detect_format, to_sample
 from lorakit.data.readers import BadRow, file_hash, file_kind, iter_rows
-from lorakit.data.templates import IGNORE, encode_chat, encode_text, resolve_template
+from lorakit.data.templates import IGNORE, NoChatTemplate, encode_chat, encode_text, resolve_template
 from lorakit.errors import LorakitError
 from lorakit.models import cache_dir
 
@@ -155,6 +155,8 @@ def _tokenize(path: str, tokenizer: Any, template: str, config: DataConfig) -> t
     for sample in iter_samples(path, config, report):
         try:
             ids, labels = encode_sample(sample, tokenizer, template, config)
+        except NoChatTemplate as err:  # the file's fault, not this row's: stop at the first conversation
+            raise LorakitError(f"{sample.where}: {err}") from None
         except LorakitError as err:  # the template failed on this conversation
             _bad_row(BadRow(sample.where, str(err), sample.line), config, report)
             continue
