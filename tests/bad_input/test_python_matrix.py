@@ -112,6 +112,19 @@ def test_engine_settings(world, setting, value):
            "nope_proj" if setting == "target_modules" else setting)
 
 
+def test_train_and_tokenize_file_refuse_messages_for_a_tokenizer_without_template(world, tmp_path):
+    from lorakit.data import DataConfig, tokenize_file
+    from lorakit.models import load_tokenizer
+    from lorakit.train.loop import train
+
+    culprits = ("train.jsonl line 1", "no-chat-template", "data.chat_template: plain")
+    raised(LorakitError, lambda: train(_run_config(world, [f"model={world.no_template}",
+                                                           f"output={tmp_path / 'run'}"]), quiet=True), *culprits)
+    assert not (tmp_path / "run" / "adapter").exists()
+    tokenizer = load_tokenizer(str(world.no_template))
+    raised(LorakitError, lambda: tokenize_file(str(world.data), tokenizer, DataConfig(cache=False)), *culprits)
+
+
 _ENGINE = {}
 
 
