@@ -65,19 +65,6 @@ def freeze_for_spectrum(model: torch.nn.Module, modules: Iterable[str], *, train
     return sorted(wanted)
 
 
-def mark_spectrum(model: torch.nn.Module, *, base_model: str | None, top: float | None) -> None:
-    """Record on ``model`` that its trainable tensors are a Spectrum selection.
-
-    Training's checkpoints then save them with :func:`save_spectrum` (see :func:`spectrum_info`).
-    """
-    model.__dict__["lorakit_spectrum"] = {"base_model": base_model, "top": top}
-
-
-def spectrum_info(model: torch.nn.Module) -> dict | None:
-    """What :func:`mark_spectrum` recorded, or None for a model trained with adapters."""
-    return model.__dict__.get("lorakit_spectrum")
-
-
 def save_spectrum(model: torch.nn.Module, out_dir: str | Path, *, base_model: str | None = None,
                   top: float | None = None) -> Path:
     """Write the trainable tensors as ``spectrum_model.safetensors`` plus ``spectrum_config.json``.

@@ -9,7 +9,7 @@ import pytest
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.train.config import RunConfig, TrainConfig, apply_override, load_config
-from lorakit.train.loop import lr_at
+from lorakit.train.run import lr_at
 
 
 def write(tmp_path, text: str):

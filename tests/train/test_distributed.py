@@ -25,7 +25,8 @@ from lorakit.errors import LorakitError
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig
 from lorakit.train.distributed import accumulation
-from lorakit.train.loop import plan_steps, train
+from lorakit.train.loop import train
+from lorakit.train.run import plan_steps
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

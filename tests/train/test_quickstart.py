@@ -8,7 +8,8 @@ import re
 import pytest
 from train.train_helpers import write_data
 
-from lorakit.train.quickstart import EVAL_FILE, QUICKSTART, TRAIN_FILE, is_good_answer, run_quickstart
+from lorakit.commands.train import run_quickstart
+from lorakit.train.quickstart import EVAL_FILE, QUICKSTART, TRAIN_FILE, is_good_answer
 
 
 def test_bundled_data_is_well_formed():

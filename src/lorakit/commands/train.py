@@ -11,8 +11,12 @@ which starts ``torchrun --standalone --nproc-per-node N`` with the same argument
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lorakit.commands.flags import positive_int
+
+if TYPE_CHECKING:
+    from lorakit.train.summary import RunResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train with N processes on this machine (one per GPU): runs torchrun for you")
 
 
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.train.config import load_config
-    from lorakit.train.summary import INTERRUPTED, print_summary
 
     items = list(args.items)
     path = items.pop(0) if items and "=" not in items[0] else None
@@ -40,18 +46,28 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         items.append(f"resume={args.resume}")
     if path is None:
-        from lorakit.train.quickstart import run_quickstart
-
         return run_quickstart(items, quiet=args.quiet)
+    from lorakit.train.distributed import is_main_process
     from lorakit.train.loop import train
 
-    config = load_config(path, items)
-    result = train(config, quiet=args.quiet)
-    from lorakit.train.distributed import is_main_process
-
+    result = train(load_config(path, items), quiet=args.quiet)
     if not is_main_process():  # under torchrun, process 0 reports for all
-        return INTERRUPTED if result.stopped == "interrupted" else 0
-    return print_summary(result)
+        return INTERRUPTED if result.interrupted else 0
+    return report(result)
+
+
+def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> int:
+    """``lorakit train`` without a config: the quickstart, then its summary; the exit status."""
+    from lorakit.train.quickstart import quickstart
+
+    return report(quickstart(overrides, quiet=quiet))
+
+
+def report(result: RunResult) -> int:
+    """Print how the run ended (:meth:`RunResult.summary`); the exit status: 130 when it was
+    interrupted (it can be resumed), else 0."""
+    print(result.summary())
+    return INTERRUPTED if result.interrupted else 0
 
 
 def _launch(args: argparse.Namespace, path: str | None, items: list[str]) -> int:

@@ -1,10 +1,13 @@
 """lorakit.train: from a config to a trained PEFT-format adapter, with nothing lost on the way.
 
 - :mod:`~lorakit.train.config`: ``RunConfig`` and its sections, YAML + ``key=value`` overrides.
-- :mod:`~lorakit.train.loop`: the run (``train``), the step, evaluation, Ctrl-C and NaN handling.
+- :mod:`~lorakit.train.loop`: ``train()``, the entry: the loop over steps, evaluation, early
+  stopping, Ctrl-C and NaN handling; it builds the run through :mod:`~lorakit.train.setup` (device,
+  data, model, adapter, resume) and drives a :class:`~lorakit.train.run.Run` (the step, the schedule).
+- :mod:`~lorakit.train.spectrum`: ``spectrum:N`` targets and ``method: spectrum`` in a run.
 - :mod:`~lorakit.train.checkpoints`: atomic checkpoints, resume, pruning.
 - :mod:`~lorakit.train.progress`: progress bar, ``metrics.jsonl``, trackers, plots.
-- :mod:`~lorakit.train.summary`: how a run ended, as printed, and its exit status.
+- :mod:`~lorakit.train.summary`: ``RunResult``, how a run ended, and its closing lines.
 - :mod:`~lorakit.train.quickstart`: ``lorakit train`` without a config.
 
 Names are imported lazily so ``import lorakit.train`` does not import torch.
@@ -20,7 +23,9 @@ if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/
     from lorakit.train.config import (
         AdapterConfig as AdapterConfig, RunConfig as RunConfig, TrainConfig as TrainConfig, load_config as load_config,
     )
-    from lorakit.train.loop import RunResult as RunResult, lr_at as lr_at, train as train
+    from lorakit.train.loop import train as train
+    from lorakit.train.run import lr_at as lr_at
+    from lorakit.train.summary import RunResult as RunResult
 
 _LAZY = {
     "RunConfig": "lorakit.train.config",
@@ -28,8 +33,8 @@ _LAZY = {
     "TrainConfig": "lorakit.train.config",
     "load_config": "lorakit.train.config",
     "train": "lorakit.train.loop",
-    "RunResult": "lorakit.train.loop",
-    "lr_at": "lorakit.train.loop",
+    "RunResult": "lorakit.train.summary",
+    "lr_at": "lorakit.train.run",
 }
 
 __all__ = sorted(_LAZY)

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from lorakit import spectrum
 from lorakit._fs import atomic_folder
 from lorakit.adapter_io import save_adapter
 from lorakit.adapters.config import CONFIG_NAME as ADAPTER_CONFIG
 from lorakit.adapters.peft_format import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorakit.errors import LorakitError
+from lorakit.spectrum_model import CONFIG_NAME as SPECTRUM_CONFIG, WEIGHTS_NAME as SPECTRUM_WEIGHTS, save_spectrum
+from lorakit.train.spectrum import spectrum_info
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
@@ -105,14 +106,14 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
 
 def save_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """The trained weights into ``folder``: the PEFT adapter, or a Spectrum run's tensors."""
-    info = spectrum.spectrum_info(model)
+    info = spectrum_info(model)
     if info is not None:
-        spectrum.save_spectrum(model, folder, base_model=info["base_model"], top=info["top"])
+        save_spectrum(model, folder, base_model=info["base_model"], top=info["top"])
     else:
         save_adapter(model, folder)
 
 
-WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, spectrum.CONFIG_NAME, spectrum.WEIGHTS_NAME)
+WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SPECTRUM_CONFIG, SPECTRUM_WEIGHTS)
 """The files of a checkpoint that :func:`save_weights` wrote (those present are the final adapter)."""
 
 

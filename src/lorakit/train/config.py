@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit._fs import atomic_write_text
+from lorakit.adapters.config import LoraConfig
 from lorakit.data.config import DataConfig
 from lorakit.errors import LorakitError
 
@@ -127,18 +128,16 @@ class AdapterConfig:
                                "(0, 100], e.g. spectrum:25")
         return top
 
-    def to_lora_config(self, base_model: str | None = None, targets: list[str] | str | None = None) -> Any:
+    def to_lora_config(self, base_model: str | None = None, targets: list[str] | str | None = None) -> LoraConfig:
         """The core library's ``LoraConfig`` (PEFT field names) for these settings.
 
         Args:
             base_model: recorded as ``base_model_name_or_path``.
             targets: the resolved target modules when ``targets`` is ``spectrum:N``.
         """
-        from lorakit.adapters.config import LoraConfig
-
         if targets is None and self.spectrum_top is not None:
             raise LorakitError("adapter.targets: spectrum:N must be resolved against the model first "
-                               "(lorakit.train.setup.resolve_targets)")
+                               "(lorakit.train.spectrum.resolve_targets)")
         try:
             return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets or self.targets,
                               exclude_modules=self.exclude, target_parameters=self.target_parameters,

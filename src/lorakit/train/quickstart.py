@@ -22,6 +22,15 @@ from typing import Any
 
 import torch
 
+from lorakit.adapter_io import load_adapter
+from lorakit.data.pipeline import load_data, pad_token_id
+from lorakit.evaluate.core import answer_loss
+from lorakit.models import load_model, load_tokenizer
+from lorakit.train.config import load_config
+from lorakit.train.loop import train
+from lorakit.train.setup import resolve_device, resolve_dtype
+from lorakit.train.summary import RunResult
+
 HERE = Path(__file__).resolve().parent
 TRAIN_FILE = HERE / "quickstart.jsonl"
 EVAL_FILE = HERE / "quickstart_eval.jsonl"
@@ -37,16 +46,11 @@ QUICKSTART: dict[str, Any] = {
 }
 
 
-def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> int:
-    """Train the quickstart adapter and print base vs adapter results; the exit status."""
-    from lorakit.adapter_io import load_adapter
-    from lorakit.data.pipeline import load_data
-    from lorakit.models import load_model, load_tokenizer
-    from lorakit.train.config import load_config
-    from lorakit.train.loop import train
-    from lorakit.train.setup import resolve_device, resolve_dtype
-    from lorakit.train.summary import print_summary
+def quickstart(overrides: list[str] | None = None, quiet: bool = False) -> RunResult:
+    """Train the quickstart adapter, printing base vs adapter results; how the run ended.
 
+    ``lorakit train`` without a config calls it and prints :meth:`RunResult.summary` after.
+    """
     config = load_config(None, overrides, base=QUICKSTART)
     checkpoints = Path(config.output) / "checkpoints"
     if config.resume is None and checkpoints.exists():
@@ -64,22 +68,19 @@ def run_quickstart(overrides: list[str] | None = None, quiet: bool = False) -> i
     print(f"before training (base model): eval loss {before['loss']:.3f}, JSON answers {before['json']:.0%}\n")
 
     result = train(config, quiet=quiet)
-    if result.stopped == "interrupted":
-        return print_summary(result)
+    if result.interrupted:
+        return result
     load_adapter(model, result.adapter)
     after = measure(model, tokenizer, eval_rows, prompts, config)
     print()
     print(results_table(before, after, prompts))
     print(f"\nquickstart finished in {time.perf_counter() - began:.0f} s")
-    return print_summary(result)
+    return result
 
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, tokenizer: Any, eval_rows: Any, examples: list[dict], config: Any) -> dict:
     """Eval loss on answer tokens, the share of well-formed JSON answers, and the generations."""
-    from lorakit.data.pipeline import pad_token_id
-    from lorakit.evaluate.core import answer_loss
-
     model.eval()
     loss = answer_loss(model, eval_rows, pad_token_id(tokenizer), config.train.batch_size)["loss"]
     questions = [ex["messages"][:-1] for ex in examples]

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
+from lorakit.adapter_io import load_adapter
+from lorakit.adapters.quant import quantize_model
+from lorakit.data.batching import choose_batching
+from lorakit.data.pipeline import load_data
 from lorakit.errors import LorakitError
-from lorakit.inject import resolve_config
+from lorakit.inject import add_adapter, resolve_config, trainable_parameters
+from lorakit.models import default_dtype, load_model, load_tokenizer, resolve
 from lorakit.parameter_targets import untargeted_experts_note
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.distributed import Dist, accumulation, decoder_blocks, global_batch_note, start
-from lorakit.train.loop import Run
+from lorakit.train.progress import check_reporters
+from lorakit.train.run import Run
+from lorakit.train.spectrum import prepare_spectrum, resolve_targets
 
 # Sections whose change makes a checkpoint unusable, and the keys that may change on resume.
 _MUST_MATCH = ("model", "adapter")
@@ -36,8 +45,6 @@ def resolve_dtype(setting: str, device: torch.device, base_trained: bool = False
     """``auto`` -> bf16 on a GPU that supports it, and on a CPU that multiplies bf16 natively
     (:func:`cpu_bf16`) when only adapters train (``base_trained``: Spectrum, ``modules_to_save`` or
     base biases train base tensors, which AdamW needs in fp32 there); else fp32."""
-    from lorakit.models import default_dtype
-
     if setting == "auto":
         if device.type == "cpu":
             return torch.bfloat16 if cpu_bf16() and not base_trained else torch.float32
@@ -74,12 +81,6 @@ def build_run(config: RunConfig, quiet: bool = False) -> tuple[Run, Path | None]
 
 
 def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> tuple[Run, Path | None]:
-    from lorakit.data.pipeline import load_data
-    from lorakit.inject import add_adapter, trainable_parameters
-    from lorakit.models import load_model, load_tokenizer, resolve
-
-    from lorakit.train.progress import check_reporters
-
     say = (lambda *a: None) if quiet else print
     check_reporters(config.train.report_to)
     if dist.sharded and config.adapter.quantized:
@@ -115,8 +116,6 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
     if config.data.packing is not False:
         _varlen_attention(model, device, dtype, say)
     if config.adapter.quantized:
-        from lorakit.adapters.quant import quantize_model
-
         quantize_model(model, compute_dtype=dtype)
     if _fit_dropout(config, model, say) and dist.is_main:
         save_config(config, output / "config.yaml")
@@ -126,15 +125,8 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
     if resume_from is not None:
         _check_compatible(config, resume_from, print if dist.is_main else say)  # a warning even when quiet
     if config.adapter.method == "spectrum":
-        from lorakit.spectrum import freeze_for_spectrum, load_spectrum, mark_spectrum
-
-        freeze_for_spectrum(model, targets, train_embeddings=config.adapter.spectrum_embeddings)
-        mark_spectrum(model, base_model=config.model, top=config.adapter.spectrum_top)
-        if resume_from is not None:
-            load_spectrum(model, resume_from)
+        prepare_spectrum(model, config, targets, resume_from)
     elif resume_from is not None:
-        from lorakit.adapter_io import load_adapter
-
         load_adapter(model, resume_from, trainable=True)
     else:
         add_adapter(model, config.adapter.to_lora_config(base_model=config.model, targets=targets))
@@ -198,11 +190,6 @@ def _varlen_attention(model: torch.nn.Module, device: torch.device, dtype: torch
 def _batching(config: RunConfig, model: torch.nn.Module, device: torch.device, resume_from: Path | None):
     """``data.packing`` resolved for this model and device; a resumed ``auto`` run keeps its checkpoint's
     choice (the batch plan, so the data position, depends on it)."""
-    import dataclasses
-    import json
-
-    from lorakit.data.batching import choose_batching
-
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     batching = choose_batching(config.data.packing, attention, device.type)
     if resume_from is None or config.data.packing != "auto":
@@ -213,37 +200,6 @@ def _batching(config: RunConfig, model: torch.nn.Module, device: torch.device, r
     chosen = choose_batching(bool(kept), attention, device.type)
     return dataclasses.replace(chosen, reason=f"data.packing: auto, {'packed' if kept else 'padded'} as when this "
                                               "run started: the checkpoint's batch plan")
-
-
-def resolve_targets(config: RunConfig, say=print, model: torch.nn.Module | None = None) -> list[str] | str:
-    """The adapter's target modules, with ``spectrum:N`` replaced by the modules Spectrum selects
-    (for LoRA on ``model``: only those LoRA can wrap — an MoE router is a matrix, not a linear layer).
-
-    The scan reads the base model's safetensors one matrix at a time and is cached per model,
-    so only the first run on a model pays for it (SmolLM2-135M: a few seconds).
-    """
-    top = config.adapter.spectrum_top
-    if top is None:
-        return config.adapter.targets
-    from lorakit import spectrum
-    from lorakit.models import resolve
-
-    results = spectrum.scan(resolve(config.model))
-    modules = spectrum.selected_modules(results, top)
-    if not modules:
-        raise LorakitError(f"adapter.targets: spectrum:{top:g} selects no matrix of {config.model} "
-                           f"(int(layers × {top:g} / 100) is 0 in every module type); raise the percentage")
-    say(f"spectrum:{top:g}: {len(modules)} of {len(results)} matrices selected by signal-to-noise ratio")
-    if model is not None and config.adapter.method != "spectrum":
-        from lorakit.adapters.lora import is_linear
-
-        kept = [m for m in modules if is_linear(model.get_submodule(m))]
-        if len(kept) < len(modules):
-            say(f"spectrum:{top:g}: {len(modules) - len(kept)} selected matrices are not linear layers (e.g. "
-                f"{next(m for m in modules if m not in kept)}, a router) and get no LoRA; "
-                "adapter.target_parameters can name them")
-        modules = kept
-    return modules
 
 
 def _fit_dropout(config: RunConfig, model: torch.nn.Module, say=print) -> bool:
@@ -265,8 +221,6 @@ def _fit_dropout(config: RunConfig, model: torch.nn.Module, say=print) -> bool:
 
 def _kept_global_batch(checkpoint: Path, config: RunConfig, world: int) -> int | None:
     """The checkpoint's global batch when only the number of processes changed (so it can be kept)."""
-    import json
-
     state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
     saved = state.get("config", {}).get("train", {})
     same = all(saved.get(k) == getattr(config.train, k) for k in ("batch_size", "grad_accum", "global_batch"))
@@ -286,8 +240,6 @@ def compile_blocks(model: torch.nn.Module) -> int:
 
 
 def _check_compatible(config: RunConfig, checkpoint: Path, say=print) -> None:
-    import json
-
     saved = json.loads((checkpoint / ckpt.STATE_FILE).read_text()).get("config", {})
     now = config.to_dict()
     for section in _MUST_MATCH:

@@ -1,37 +1,43 @@
-"""How a training run ended, as the command line prints it (``lorakit train`` and the quickstart).
+"""How a training run ended: :class:`RunResult`, what :func:`lorakit.train.loop.train` returns.
 
-The run itself returns a :class:`~lorakit.train.loop.RunResult`; this module only turns one into
-the closing lines and the process's exit status, so the quickstart (library code) and
-``commands/train`` (the CLI) share it without the library importing the CLI.
+The library returns the result and its closing lines (:meth:`RunResult.summary`); the command
+line (``commands/train``) prints them and turns the result into the process's exit status.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lorakit.train.loop import RunResult
-
-INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+from dataclasses import dataclass
+from pathlib import Path
 
 
-def print_summary(result: RunResult) -> int:
-    """Print how the run ended: where the checkpoint or the adapter is, the final losses.
+@dataclass
+class RunResult:
+    """How a run ended and where its outputs are."""
 
-    Args:
-        result: what :func:`lorakit.train.loop.train` returned.
+    output: Path
+    adapter: Path | None
+    """The final PEFT adapter folder (the best one when evaluating with ``keep_best``)."""
+    stopped: str
+    """``completed``, ``early_stopping`` or ``interrupted``."""
+    step: int
+    train_loss: float | None
+    eval_loss: float | None
+    best_step: int | None
+    checkpoint: Path | None
+    """The latest checkpoint written."""
 
-    Returns:
-        The exit status: 130 when the run was interrupted (it can be resumed), else 0.
-    """
-    if result.stopped == "interrupted":
-        print(f"interrupted at step {result.step}; checkpoint: {result.checkpoint}\n"
-              f"continue with the same command and --resume auto")
-        return INTERRUPTED
-    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "-"
-    line = f"done ({result.stopped}) after {result.step} steps: train loss {loss}"
-    if result.eval_loss is not None:
-        line += f", eval loss {result.eval_loss:.4f} (best at step {result.best_step})"
-    print(line)
-    print(f"adapter: {result.adapter}\nrun folder: {result.output} (config.yaml, metrics.jsonl, checkpoints/)")
-    return 0
+    @property
+    def interrupted(self) -> bool:
+        """True when the run stopped at Ctrl-C (it can be resumed from :attr:`checkpoint`)."""
+        return self.stopped == "interrupted"
+
+    def summary(self) -> str:
+        """The closing lines: where the checkpoint or the adapter is, the final losses."""
+        if self.interrupted:
+            return (f"interrupted at step {self.step}; checkpoint: {self.checkpoint}\n"
+                    f"continue with the same command and --resume auto")
+        loss = f"{self.train_loss:.4f}" if self.train_loss is not None else "-"
+        line = f"done ({self.stopped}) after {self.step} steps: train loss {loss}"
+        if self.eval_loss is not None:
+            line += f", eval loss {self.eval_loss:.4f} (best at step {self.best_step})"
+        return f"{line}\nadapter: {self.adapter}\nrun folder: {self.output} (config.yaml, metrics.jsonl, checkpoints/)"
