@@ -313,7 +313,8 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _wake_up(self) -> None:
+    def wake(self) -> None:
+        """Wake the background loop to look at its requests again (a request was cancelled)."""
         with self._lock:
             self._lock.notify_all()
 
@@ -450,10 +451,10 @@ class Engine:
 
     def _publish(self, request: Request, event: TokenEvent) -> None:
         try:
-            request.handle._publish(event)
+            request.handle.publish(event)
         except Exception:  # a failing callback cancels its own request, nothing else
             log.exception("on_event callback of request %s failed; cancelling it", request.handle.request_id)
-            request.handle._cancel.set()
+            request.handle.mark_cancelled()
             if not event.finished:
                 self._finish(request, "cancelled")
 
@@ -468,7 +469,7 @@ class Engine:
             completion.error.__cause__ = error if completion.error is not error else None
         event = TokenEvent(request.handle.request_id, "", None, len(request.tokens), True, reason)
         try:
-            request.handle._publish(event)
+            request.handle.publish(event)
         except Exception:
             log.exception("on_event callback of request %s failed", request.handle.request_id)
 

@@ -6,6 +6,11 @@ keep it short; an HTTP server hands each event to its event loop with
 ``loop.call_soon_threadsafe``) and through iteration over the handle. ``result()`` waits for the
 :class:`Completion`. When the engine has no background thread (:meth:`Engine.start` not called),
 iterating or waiting drives the engine in the caller's thread.
+
+The handle and the engine talk through public methods only: the handle calls the engine's
+:meth:`~Engine.step`, :attr:`~Engine.running_in_background` and :meth:`~Engine.wake` (a request was
+cancelled); the engine calls the handle's :meth:`~RequestHandle.publish` (one event) and
+:meth:`~RequestHandle.mark_cancelled` (the engine itself cancels the request).
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Ask the engine to stop this request at its next step (finish reason ``cancelled``)."""
         self._cancel.set()
-        self._engine._wake_up()
+        self._engine.wake()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         """The events as they come; raises the request's error, if it fails, after its last event."""
@@ -147,9 +152,16 @@ class RequestHandle:
 
     # -- called by the engine ----------------------------------------------------------------
 
-    def _publish(self, event: TokenEvent) -> None:
+    def publish(self, event: TokenEvent) -> None:
+        """Deliver one event (engine side): to the stream and to ``on_event``; the last one marks the
+        request done. An exception of ``on_event`` propagates to the engine."""
         if event.finished:
             self._done.set()
         self._events.put(event)
         if self._on_event is not None:
             self._on_event(event)
+
+    def mark_cancelled(self) -> None:
+        """Flag the request as cancelled without waking the engine (engine side: the engine is the
+        one cancelling it, e.g. after its ``on_event`` callback failed)."""
+        self._cancel.set()
