@@ -11,7 +11,7 @@ from peft_oracle import logits
 
 from lorakit import LoraConfig, add_adapter, disabled, load_adapter, save_adapter
 from lorakit.cli import main
-from lorakit.commands.merge import merge_to_folder
+from lorakit import merge_to_folder
 
 
 def _greedy(model, input_ids, n=8):

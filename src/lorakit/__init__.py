@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/
         add_adapter as add_adapter, delete_adapter as delete_adapter, disable as disable, disabled as disabled,
         enable as enable, set_active as set_active, trainable_parameters as trainable_parameters,
     )
+    from lorakit.merged_folder import merge_to_folder as merge_to_folder
     from lorakit.merging import (
         merge as merge, merge_and_unload as merge_and_unload, unload as unload, unmerge as unmerge,
     )
@@ -45,6 +46,7 @@ _LAZY = {
     "unmerge": "lorakit.merging",
     "merge_and_unload": "lorakit.merging",
     "unload": "lorakit.merging",
+    "merge_to_folder": "lorakit.merged_folder",
     "quantize_model": "lorakit.adapters.quant",
 }
 
