@@ -23,7 +23,16 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from lorakit.adapters import experts as moe
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.parameter import innermost
+from lorakit.adapters.quant import experts_refusal
 from lorakit.errors import LorakitError
+from lorakit.inject import find_targets, resolve_config
+from lorakit.spectrum import module_type
+from lorakit.train.loss import default_chunk, head_check
 
 METHODS = ("full", "lora", "qlora", "dora", "spectrum")
 ENGINES = ("lorakit", "peft")
@@ -226,11 +235,8 @@ def inventory(config: Any) -> Inventory:
     Raises:
         LorakitError: transformers cannot build the architecture.
     """
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-
-    from lorakit.spectrum import module_type
 
     try:
         with torch.device("meta"):
@@ -241,8 +247,6 @@ def inventory(config: Any) -> Inventory:
     emb = model.get_input_embeddings().weight
     out = getattr(model.get_output_embeddings(), "weight", None)
     head = 0 if out is None or out is emb else out.numel()
-    from lorakit.adapters import experts as moe
-
     linears: list[Linear] = []
     expert_weights: list[Expert] = []
     for name, mod in model.named_modules():
@@ -281,16 +285,10 @@ def inventory(config: Any) -> Inventory:
                      tuple(linears), len(params), buffers, dims, tuple(expert_weights), model)
 
 
-def _targeted(inv: Inventory, targets: str | tuple[str, ...]) -> list[Linear]:
-    if targets == "all-linear":
-        return list(inv.linears)
-    names = (targets,) if isinstance(targets, str) else targets
-    chosen = [lin for lin in inv.linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
-    missing = [t for t in names if not any(lin.name == t or lin.name.endswith("." + t) for lin in inv.linears)]
-    if missing:
-        known = sorted({lin.name.rsplit(".", 1)[-1] for lin in inv.linears})
-        raise LorakitError(f"--targets: {', '.join(missing)} match no linear layer; this model has {', '.join(known)}")
-    return chosen
+def _missing_targets(model: Any, targets: list[str]) -> list[str]:
+    """The names of ``targets`` that select no module of ``model``, matched as ``add_adapter`` matches them."""
+    return [t for t in targets
+            if not find_targets(model, LoraConfig(target_modules=[t]), strict=False, allow_empty=True)]
 
 
 @dataclass(frozen=True)
@@ -310,22 +308,20 @@ class ParamTarget:
 
 
 def _adapted(inv: Inventory, s: Setup) -> tuple[list[Linear], list[ParamTarget]]:
-    """The linear layers and parameters a LoRA-family setup adapts. On MoE models they are resolved
-    on the meta model exactly as ``add_adapter`` resolves them (PEFT's MoE rewrite included)."""
+    """The linear layers and parameters a LoRA-family setup adapts, resolved on the meta model exactly
+    as ``add_adapter`` resolves them (``inject.resolve_config``: name matching, PEFT's MoE rewrite)."""
     if s.method not in ("lora", "qlora", "dora"):
         return [], []
-    if not inv.experts or inv.model is None:
-        if s.target_parameters:
-            raise LorakitError("--target-parameters: this model has no mixture-of-experts weights; name linear "
-                               "layers with --targets")
-        return _targeted(inv, s.targets), []
-    from lorakit.adapters.config import LoraConfig
-    from lorakit.adapters.parameter import innermost
-    from lorakit.inject import resolve_config
-    from lorakit.spectrum import module_type
-
-    config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=s.targets if s.targets == "all-linear"
-                        else list(s.targets), target_parameters=list(s.target_parameters) or None)
+    if s.target_parameters and not inv.experts:
+        raise LorakitError("--target-parameters: this model has no mixture-of-experts weights; name linear "
+                           "layers with --targets")
+    names = "all-linear" if s.targets == "all-linear" else [s.targets] if isinstance(s.targets, str) else list(s.targets)
+    missing = _missing_targets(inv.model, names) if names != "all-linear" else []
+    if missing:
+        known = sorted({lin.name.rsplit(".", 1)[-1] for lin in inv.linears})
+        raise LorakitError(f"--targets: {', '.join(missing)} match no linear layer; this model has {', '.join(known)}")
+    config = LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=names,
+                        target_parameters=list(s.target_parameters) or None)
     config, modules, params = resolve_config(inv.model, config)
     by_name = {lin.name: lin for lin in inv.linears}
     experts = {e.name: e for e in inv.experts}
@@ -345,8 +341,6 @@ def _adapted(inv: Inventory, s: Setup) -> tuple[list[Linear], list[ParamTarget]]
 
 def _spectrum_selection(inv: Inventory, top: float) -> list[Linear]:
     # Which matrices win depends on the scan; how many per group does not (int(len·pct/100)).
-    from lorakit.spectrum import module_type
-
     groups: dict[str, list[Linear]] = {}
     for lin in inv.linears:
         kind = module_type(f"{lin.name}.weight")
@@ -469,8 +463,6 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     d = inv.dims
     h, V, L, tokens = d["hidden"], d["vocab"], d["layers"], s.batch * s.seq
     if s.method == "qlora" and inv.experts:
-        from lorakit.adapters.quant import experts_refusal
-
         raise LorakitError(experts_refusal(inv.expert_params, inv.params))
     adapted, params = _adapted(inv, s)
     trained = {lin.name for lin in inv.linears} if s.method == "full" else set()
@@ -506,10 +498,9 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     final += c * h if embeddings_train else 0                         # its output, for the head's gradient
     rope = 2 * s.seq * d["head_dim"] * 4 // max(tokens, 1)           # cos/sin, shared by the batch
     kept_layers = L * c * h if s.checkpointing else layers_all
-    from lorakit.train.loss import default_chunk, plain_head
-
-    # lorakit's chunked loss (full fine-tuning is planned with the model's own loss, as it is not lorakit's).
-    chunked = s.engine == "lorakit" and s.method != "full" and plain_head(config)
+    # lorakit's chunked loss (full fine-tuning is planned with the model's own loss, as it is not lorakit's),
+    # decided on the meta model as training decides it.
+    chunked = s.engine == "lorakit" and s.method != "full" and head_check(inv.model) is None
     rows = min(tokens, default_chunk(V)) if chunked else 0
     if chunked:
         # lorakit's loss: head + cross-entropy per chunk of rows, the input gradient computed in forward.

@@ -328,3 +328,38 @@ def test_chunked_loss_of_moe_models_adds_the_router_loss_as_the_model_does(arch,
         assert plain[0] > without[0] + 1e-3
     else:
         torch.testing.assert_close(plain[0], without[0])
+
+
+def test_the_loss_path_is_read_from_the_model_not_from_a_list_of_architectures():
+    import transformers as tf
+
+    from conftest import tiny_config
+    from lorakit.train.loss import head_check
+
+    # An architecture no list named (Helium): the same head, so the chunked loss, and it equals the model's.
+    model = tf.AutoModelForCausalLM.from_config(tf.HeliumConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                                vocab_size=96, max_position_embeddings=64)).train()
+    assert head_check(model) is None and split_head(model) is not None
+    batch = collate_padded(_rows(4), pad_token_id=0)
+    plain = _loss_and_grads(lambda **b: model(**b, use_cache=False).loss, model, batch)
+    _assert_same(_loss_and_grads(CausalLMLoss(model, chunk=5), model, batch), plain)
+
+    # A forward that changes its logits, with a config that says nothing about it: read from the source.
+    class Scaled(tf.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
+            logits = logits * 0.5
+            return tf.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+
+    scaled = Scaled(tiny_config("llama"))
+    assert "forward" in head_check(scaled) and split_head(scaled) is None
+    # Config fields that transform the logits, also on a nested text config; and custom code.
+    granite = tf.AutoModelForCausalLM.from_config(tf.GraniteConfig(**{**tiny_config("llama").to_dict(), "logits_scaling": 4.0}))
+    assert "logits_scaling" in head_check(granite)
+    llama = make_tiny("llama")
+    assert head_check(llama) is None
+    llama.config.model_type = "remote-code-arch"
+    assert "not a causal LM that transformers registers" in head_check(llama)

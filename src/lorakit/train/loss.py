@@ -12,9 +12,13 @@ Notable:
   (the loss is a scalar: its gradient is known up to one factor), so nothing of size vocab is
   kept for backward: only the input gradient of the selected rows, (answers × hidden).
 - The result equals ``model(**batch).loss`` (HF: logits in the model's dtype, upcast to fp32,
-  mean over targets), padded or packed, tied or untied head. Architectures whose head does
-  more than a linear map (logit soft-capping, logit scaling), an adapted or quantised head, a
-  head with forward hooks, or an unknown architecture take the plain path.
+  mean over targets), padded or packed, tied or untied head. Which path a model takes is decided
+  from its structure, with no list of architectures (:func:`head_check`): the chunked path needs a
+  causal LM that transformers registers for its ``model_type`` whose ``forward`` computes
+  ``logits = self.lm_head(hidden_states)`` from the backbone's last hidden state and never changes
+  them (read from its source: soft-capping, logit scaling or a multiplier there take the plain
+  path), a config that asks for no logit transform, and a plain ``nn.Linear`` head without hooks
+  (an adapted or quantised head takes the plain path). Training says once why a model falls back.
 - **Shared prefix.** When every row of a padded micro-batch starts with the same tokens and no
   label scores them (a chat template's default system prompt: 28 of SmolLM2's ~60-token
   quickstart rows), that prefix runs through the model once, as a batch of one; its per-layer
@@ -32,9 +36,11 @@ Notable:
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import sys
+import textwrap
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -42,12 +48,10 @@ from torch import nn
 
 IGNORE = -100
 
-# Causal LMs whose forward is `lm_head(backbone(...).last_hidden_state)` then the shifted mean CE.
-_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "phi3", "olmo", "olmo2",
-                         "starcoder2", "smollm3",
-                         # mixture-of-experts: the same head, plus the router's load-balancing loss
-                         "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe"})
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config fields with which transformers' models transform their logits (soft-capping, scaling); any
+# of them set to something other than 1 means the logits are not the head's plain output.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "lm_head_multiplier")
 
 
 class CausalLMLoss(nn.Module):
@@ -184,25 +188,89 @@ def causal_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
-def plain_head(config: object) -> bool:
-    """Whether this architecture's logits are a plain linear map of the last hidden state
-    (so the chunked loss can replace the model's own; also used by the memory planner)."""
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD:
-        return False
-    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _HEAD_EXTRAS)
+def head_check(model: nn.Module) -> str | None:
+    """Why ``model``'s logits are not exactly ``head(backbone(...)[0])`` (so the loss takes the
+    model's own path), or None when they are. See the module docstring."""
+    reason = _config_check(getattr(model, "config", None), type(model))
+    if reason is not None:
+        return reason
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(backbone, nn.Module):
+        return f"{type(model).__name__} has no backbone at base_model_prefix"
+    if type(head) is not nn.Linear:  # an adapted or quantised head
+        return f"its output head is a {type(head).__name__}, not a plain nn.Linear"
+    if head._forward_hooks or head._forward_pre_hooks:  # someone watches the logits: let the head run
+        return "its output head has forward hooks"
+    if getattr(model, _forward_head(type(model)) or "", None) is not head:
+        return f"{type(model).__name__}.forward's head is not get_output_embeddings()"
+    return None
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """``(backbone, head)`` when the model's logits are exactly ``head(backbone(...)[0])``, else None."""
-    if not plain_head(getattr(model, "config", None)):
+    if head_check(model) is not None:
         return None
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(backbone, nn.Module) or type(head) is not nn.Linear:  # an adapted head: plain path
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+
+
+def _config_check(config: object, cls: type) -> str | None:
+    """Why a model of ``config`` and class ``cls`` is not plain, from the config and the class's
+    ``forward``; None when it is."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    registered = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if registered is None:  # custom code: a forward lorakit cannot vouch for
+        return f"model_type {model_type!r} is not a causal LM that transformers registers"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    transforms = sorted({n for c in (config, text) for n in _LOGIT_TRANSFORMS if getattr(c, n, None) not in (None, 1, 1.0)})
+    if transforms:
+        return f"its config transforms the logits ({', '.join(transforms)})"
+    if _forward_head(cls) is None:
+        return f"{cls.__name__}.forward does more than logits = self.lm_head(hidden_states) on the last hidden state"
+    return None
+
+
+@functools.cache
+def _forward_head(cls: type) -> str | None:
+    """The attribute name of the head when ``cls.forward`` computes ``logits = self.<head>(h)`` once,
+    with ``h`` the backbone's last hidden state (``outputs.last_hidden_state`` / ``outputs[0]``,
+    possibly sliced), and assigns ``logits`` nowhere else; else None. Read from the source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError):
         return None
-    if head._forward_hooks or head._forward_pre_hooks:  # someone watches the logits: let the head run
+    assigned: dict[str, list[ast.expr | None]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned.setdefault(target.id, []).append(node.value)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)) and isinstance(node.target, ast.Name):
+            assigned.setdefault(node.target.id, []).append(None)  # an in-place change
+    logits = assigned.get("logits", [])
+    if len(logits) != 1 or not isinstance(call := logits[0], ast.Call) or len(call.args) != 1 or call.keywords:
         return None
-    return backbone, head
+    func, arg = call.func, call.args[0]
+    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self"):
+        return None
+    name = arg.value.id if isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name) else getattr(arg, "id", None)
+    if name is None or not all(_is_last_hidden(value, name) for value in assigned.get(name, [None])):
+        return None
+    return func.attr
+
+
+def _is_last_hidden(value: ast.expr | None, name: str) -> bool:
+    """``outputs.last_hidden_state``, ``outputs[0]``, ``name[...]`` or ``slice_logits_to_keep(name, …)``."""
+    if isinstance(value, ast.Attribute):
+        return value.attr == "last_hidden_state"
+    if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name):
+        return value.value.id == name or (isinstance(value.slice, ast.Constant) and value.slice.value == 0)
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.args:
+        first = value.args[0]
+        return "logits_to_keep" in value.func.id and isinstance(first, ast.Name) and first.id == name
+    return False
 
 
 def default_chunk(vocab: int) -> int:

@@ -19,6 +19,7 @@ from lorakit.parameter_targets import untargeted_experts_note
 from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.distributed import Dist, accumulation, decoder_blocks, global_batch_note, start
+from lorakit.train.loss import head_check
 from lorakit.train.progress import check_reporters
 from lorakit.train.run import Run
 from lorakit.train.spectrum import prepare_spectrum, resolve_targets
@@ -141,6 +142,9 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.offload_activations and device.type != "cuda":
         say(f"train.offload_activations: only acts on CUDA GPUs; ignored on {device.type}")
+    fallback = head_check(model) if config.train.chunked_loss else None
+    if fallback:  # said once: the run is slower and holds the full logits
+        say(f"train.chunked_loss: {fallback}; the loss runs through the model's own forward (full logits)")
     if config.train.compile:
         compile_blocks(model)
     keep = _kept_global_batch(resume_from, config, dist.world) if resume_from is not None else None
