@@ -115,9 +115,8 @@ def quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype = torch.float3
     return quantized
 
 
-def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
-                   skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace every ``nn.Linear`` of ``model`` (but the output head and ``skip``) by NF4, in place.
+def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (but the output head) by NF4, in place.
 
     Call it before adding adapters. Returns the quantised module names.
 
@@ -132,7 +131,7 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32,
     head = getattr(model, "get_output_embeddings", lambda: None)()
     done = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is head or any(name == s or name.endswith("." + s) for s in skip):
+        if type(module) is not nn.Linear or module is head:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
