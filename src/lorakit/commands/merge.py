@@ -1,27 +1,10 @@
 """``lorakit merge --base M --adapter DIR [--adapter DIR …] --out DIR [--dtype bf16|fp16|fp32]``.
 
-A standalone transformers model folder: the base weights with the adapters' updates folded in,
-written as safetensors shards with the config, generation config, tokenizer and chat template,
-so that ``AutoModelForCausalLM.from_pretrained(DIR)`` (and vLLM, llama.cpp's converter, …) load it
-with no trace of LoRA.
-
-Notable:
-
-- The sum is taken in fp32 (the base is loaded in fp32), then cast once to ``--dtype`` (default:
-  the base's own dtype): no double rounding.
-- Tied embeddings (SmolLM2, Gemma, GPT-2): when an adapter changes the input embedding or the
-  output head, the two are untied before merging and the saved config says
-  ``tie_word_embeddings: false``, so a reload does not tie them back (and drop the update).
-- Several ``--adapter`` flags merge their sum (as if all were active). To weight them, build one
-  adapter first with ``lorakit combine``.
-- The folder is written under a temporary name beside ``--out`` and renamed when complete.
-- The library function is :func:`lorakit.merge_to_folder` (:mod:`lorakit.merged_folder`).
-- A base given as a ``.gguf`` file (or the built-in alias) is quantised: lorakit dequantises it
-  to fp32 once, and the merge is onto those dequantised weights; a warning says so.
-- A base saved in 4 bits with bitsandbytes (``quantization_config`` with ``load_in_4bit``) is
-  dequantised: adapted layers are merged into their dequantised weights, every other 4-bit layer
-  is dequantised too, and the result is a plain fp32-computed model (a warning says that it
-  carries the NF4 rounding of the original weights). Other quantisation methods are refused.
+A standalone transformers model folder: the base weights with the adapters' updates folded in, so
+that ``AutoModelForCausalLM.from_pretrained(DIR)`` (and vLLM, llama.cpp's converter, …) load it with
+no trace of LoRA. Several ``--adapter`` flags merge their sum. The work is
+:func:`lorakit.merge_to_folder` (:mod:`lorakit.merged_folder`, whose docstring says what is notable:
+fp32 sum, tied embeddings, GGUF and 4-bit bases); this module parses the flags and prints.
 """
 
 from __future__ import annotations
