@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/
     from lorakit.errors import LorakitError as LorakitError
     from lorakit.inject import (
         add_adapter as add_adapter, delete_adapter as delete_adapter, disable as disable, disabled as disabled,
-        enable as enable, set_active as set_active, trainable_parameters as trainable_parameters,
+        enable as enable, parameter_counts as parameter_counts, set_active as set_active,
+        trainable_parameters as trainable_parameters,
     )
     from lorakit.merged_folder import merge_to_folder as merge_to_folder
     from lorakit.merging import (
@@ -39,7 +40,8 @@ _LAZY = {
     "disable": "lorakit.inject",
     "enable": "lorakit.inject",
     "disabled": "lorakit.inject",
-    "trainable_parameters": "lorakit.inject",
+    "parameter_counts": "lorakit.inject",
+    "trainable_parameters": "lorakit.inject",  # the first name of parameter_counts
     "save_adapter": "lorakit.adapter_io",
     "load_adapter": "lorakit.adapter_io",
     "merge": "lorakit.merging",

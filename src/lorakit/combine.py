@@ -53,7 +53,7 @@ from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, nest_module, part_file_key, read_factors
 from lorakit.errors import LorakitError
 
-METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINE_METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 DEFAULT_DENSITY = 0.5
 
@@ -121,7 +121,7 @@ def combine_module(name: str, parts: Sequence[Factors | None], weights: Sequence
         name: the module's name (seeds DARE; names errors).
         parts: one entry per adapter.
         weights: one per adapter.
-        method: one of :data:`METHODS`.
+        method: one of :data:`COMBINE_METHODS`.
         rank: K for the SVD refactoring (``cat`` ignores it); None = the method's default.
         density: share of entries kept by ``trim``/``dare``.
         seed: DARE's seed.
@@ -200,7 +200,7 @@ def _full_combination(name: str, present: list[tuple[Factors, float]], method: s
         return sum(w * d for d, w in zip(dropped, weights))
     if method == "dare_ties":
         return ties_merge(dropped, weights)
-    raise LorakitError(f"unknown combination method {method!r}; choose one of {', '.join(METHODS)}")
+    raise LorakitError(f"unknown combination method {method!r}; choose one of {', '.join(COMBINE_METHODS)}")
 
 
 # -- whole adapters ------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def combine(adapters: Sequence[tuple[LoraConfig, dict[str, Factors]]], weights: 
     Args:
         adapters: each adapter's config and its per-module :class:`Factors`.
         weights: one per adapter (default 1.0 each).
-        method: one of :data:`METHODS`.
+        method: one of :data:`COMBINE_METHODS`.
         rank: K of the SVD refactoring; None = exact for ``linear`` (Σ rᵢ) and max rᵢ otherwise.
             Not allowed with ``cat`` (its rank is Σ rᵢ).
         density: share kept by ``trim``/``dare`` (methods in :data:`NEEDS_DENSITY`; default 0.5).
@@ -268,8 +268,8 @@ def _check_arguments(count: int, weights: Sequence[float] | None, method: str, r
                      density: float | None) -> list[float]:
     if count < 1:
         raise LorakitError("combine needs at least one adapter")
-    if method not in METHODS:
-        raise LorakitError(f"unknown combination method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in COMBINE_METHODS:
+        raise LorakitError(f"unknown combination method {method!r}; choose one of {', '.join(COMBINE_METHODS)}")
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count:
         raise LorakitError(f"{count} adapter(s) but {len(weights)} weight(s); give one weight per adapter")

@@ -130,7 +130,7 @@ class PeftModel(nn.Module):
         return merging.unload(self.model)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return inject.trainable_parameters(self.model)
+        return inject.parameter_counts(self.model)
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""

@@ -34,7 +34,8 @@ from lorakit.inject import find_targets, resolve_config
 from lorakit.spectrum import module_type
 from lorakit.train.loss import default_chunk, head_check
 
-METHODS = ("full", "lora", "qlora", "dora", "spectrum")
+PLAN_METHODS = ("full", "lora", "qlora", "dora", "spectrum")
+"""What the planner plans for: the training methods, and full fine-tuning."""
 ENGINES = ("lorakit", "peft")
 # Adapted layers whose output a later op keeps anyway (the activation or the gate product reads it).
 _OUTPUT_KEPT = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
@@ -112,8 +113,8 @@ class Setup:
     ``peft``: PEFT's adapter layers and the model's own loss (full fp32 logits)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LorakitError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method not in PLAN_METHODS:
+            raise LorakitError(f"--method {self.method!r}: expected one of {', '.join(PLAN_METHODS)}")
         for key in ("dtype", "adapter_dtype"):
             if getattr(self, key) not in DTYPE_BYTES:
                 raise LorakitError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(DTYPE_BYTES)}")
@@ -450,7 +451,7 @@ def estimate(config: Any, setup: Setup | None = None, *, inv: Inventory | None =
     """Plan the memory of one training step.
 
     Args:
-        config: a transformers ``PretrainedConfig`` (``lorakit.models.load_config``).
+        config: a transformers ``PretrainedConfig`` (``lorakit.models.load_model_config``).
         setup: the training configuration (defaults: LoRA r=16, batch 1, seq 2048, bf16).
         inv: a precomputed :func:`inventory` of ``config`` (saves rebuilding it).
 

@@ -250,7 +250,7 @@ def bias_parameters(model: nn.Module, mode: str) -> dict[str, nn.Parameter]:
     return found
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, adapters included, as PEFT counts them."""
     trainable = total = 0
     for param in model.parameters():
@@ -259,6 +259,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+trainable_parameters = parameter_counts
+"""The first name of :func:`parameter_counts` (it returns counts, not parameters), kept for existing code."""
 
 
 def check_adapter_name(name: str) -> None:

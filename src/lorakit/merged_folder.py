@@ -44,7 +44,7 @@ from lorakit.adapters.quant import dense_copy, is_quantized
 from lorakit.errors import LorakitError
 from lorakit.inject import set_active, set_submodule
 from lorakit.merging import merge_and_unload
-from lorakit.models import MARKER, _parse_dtype, load_config, load_model, load_tokenizer, resolve
+from lorakit.models import MARKER, _parse_dtype, load_model, load_model_config, load_tokenizer, resolve
 
 INFO_NAME = "lorakit_merge.json"
 """The file in the merged folder that records the base, the adapters and the dtype."""
@@ -78,7 +78,7 @@ def merge_to_folder(base: str, adapters: list[str | Path], out: str | Path, dtyp
     for folder in adapters:  # fail before the (slow) model load
         if not (Path(folder) / CONFIG_NAME).is_file():
             raise LorakitError(f"{folder}: no {CONFIG_NAME}; not an adapter folder")
-    config = load_config(base)
+    config = load_model_config(base)
     quantised = _check_quantisation(base, config)
     target = _parse_dtype(dtype) if dtype else _base_dtype(config)
     folder = resolve(base)

@@ -113,7 +113,7 @@ def gguf_source(spec: str) -> Path | None:
     return source.path if source.dest is not None else None
 
 
-def load_config(spec: str) -> Any:
+def load_model_config(spec: str) -> Any:
     """The transformers ``PretrainedConfig`` of ``spec``, without converting or loading weights.
 
     A GGUF source that is not converted yet is read for its metadata only; a hub id needs
@@ -143,6 +143,10 @@ def load_config(spec: str) -> Any:
     except Exception as e:  # transformers raises OSError/ValueError/KeyError for bad configs
         raise LorakitError(f"cannot read the config of model {spec!r} from {source.path}: "
                            f"{type(e).__name__}: {e}") from e
+
+
+load_config = load_model_config
+"""The first name of :func:`load_model_config` (docs/models.md until #17), kept for existing code."""
 
 
 def load_model(spec: str, dtype: torch.dtype | str | None = None,

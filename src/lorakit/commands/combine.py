@@ -10,14 +10,14 @@ import argparse
 
 from lorakit.commands.flags import density, finite_float, non_negative_int, positive_int
 
-METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # = lorakit.combine.METHODS
+COMBINE_METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # = lorakit.combine.COMBINE_METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="DIR", help="adapter folders (PEFT format), same base model")
     parser.add_argument("--weights", nargs="+", type=finite_float, metavar="W",
                         help="one weight per adapter (default 1.0 each)")
-    parser.add_argument("--method", default="cat", choices=METHODS,
+    parser.add_argument("--method", default="cat", choices=COMBINE_METHODS,
                         help="cat (exact, rank = sum of ranks; default), linear (exact weighted sum), svd (best "
                              "rank-K approximation), ties, dare_linear, dare_ties, magnitude_prune")
     parser.add_argument("--rank", type=positive_int, metavar="K",

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.estimate import Setup, estimate, inventory, parse_size, suggest
-    from lorakit.models import load_config
+    from lorakit.models import load_model_config
 
     gpu = parse_size(args.gpu) if args.gpu else None
     targets: Any = args.targets if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                   targets=targets, dropout=args.dropout, top=args.top, engine=args.engine,
                   target_parameters=tuple(t.strip() for t in args.target_parameters.split(",") if t.strip()),
                   spectrum_embeddings=not args.spectrum_no_embeddings)
-    config = load_config(args.model)
+    config = load_model_config(args.model)
     inv = inventory(config)
     plan = estimate(config, setup, inv=inv)
     fits = None if gpu is None else plan.total + CUDA_RESERVE <= gpu

@@ -16,7 +16,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.export.layout import ARCHITECTURES, Layout, check_row_order, config_layout, read_gguf_layout, tensor_kind
-from lorakit.models import gguf_source, load_config, resolve
+from lorakit.models import gguf_source, load_model_config, resolve
 
 
 @dataclass
@@ -84,7 +84,7 @@ def load_base(spec: str) -> Base:
     path = gguf_source(spec)
     if path is not None:
         return Base(spec, read_gguf_layout(path))
-    return Base(spec, config_layout(load_config(spec), spec))
+    return Base(spec, config_layout(load_model_config(spec), spec))
 
 
 def check_trained_on(base: Base, recorded: str | None, source: Path) -> None:
@@ -100,7 +100,7 @@ def check_trained_on(base: Base, recorded: str | None, source: Path) -> None:
         path = gguf_source(recorded)
         if path is not None and base.gguf is not None and path.resolve() == base.gguf.resolve():
             return
-        known = ARCHITECTURES.get(getattr(load_config(recorded), "model_type", None))
+        known = ARCHITECTURES.get(getattr(load_model_config(recorded), "model_type", None))
     except LorakitError:
         return
     if known is not None and known.gguf != base.layout.arch:

@@ -33,7 +33,7 @@ from lorakit.adapters.config import LoraConfig
 from lorakit.data.config import DataConfig
 from lorakit.errors import LorakitError
 
-METHODS = ("lora", "dora", "qlora", "spectrum")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "spectrum")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORTERS = ("tensorboard", "wandb", "trackio")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -77,8 +77,8 @@ class AdapterConfig:
     reference Spectrum does."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LorakitError(f"adapter.method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in ADAPTER_METHODS:
+            raise LorakitError(f"adapter.method: expected one of {', '.join(ADAPTER_METHODS)}, got {self.method!r}")
         _int("adapter.r", self.r, 1)
         self.alpha = _number("adapter.alpha", self.alpha)
         self.dropout = _number("adapter.dropout", self.dropout)

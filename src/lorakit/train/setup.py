@@ -13,7 +13,7 @@ from lorakit.adapters.quant import quantize_model
 from lorakit.data.batching import choose_batching
 from lorakit.data.pipeline import load_data
 from lorakit.errors import LorakitError
-from lorakit.inject import add_adapter, resolve_config, trainable_parameters
+from lorakit.inject import add_adapter, parameter_counts, resolve_config
 from lorakit.models import default_dtype, load_model, load_tokenizer, resolve
 from lorakit.parameter_targets import untargeted_experts_note
 from lorakit.train import checkpoints as ckpt
@@ -167,7 +167,7 @@ def _build(config: RunConfig, dist: Dist, device: torch.device, quiet: bool) -> 
             say(f"the checkpoint is at step {state.step} of {run.total}: nothing left to train")
     if dist.rank > 0:  # own dropout masks per process; process 0 keeps the stream a checkpoint stores
         torch.manual_seed(hash((config.train.seed, dist.rank, run.state.step)) % 2**62)
-    trainable, total = trainable_parameters(model)
+    trainable, total = parameter_counts(model)
     eval_rows = len(splits.eval) if splits.eval is not None else 0
     say(f"{config.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f} %); "
         f"{len(splits.train):,} train rows, {eval_rows:,} eval rows; {run.total} steps on {device} ({dtype})")
