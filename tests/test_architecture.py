@@ -203,6 +203,28 @@ def test_serving_never_imports_training():
     assert bad == []
 
 
+def function_level_imports(source: str) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of a lorakit module inside a function of ``source``."""
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                names = ([node.module] if isinstance(node, ast.ImportFrom) and not node.level
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                found += [(node.lineno, n) for n in names if n == "lorakit" or (n or "").startswith("lorakit.")]
+    return found
+
+
+def test_function_level_imports_of_lorakit_only_in_the_command_line():
+    # commands/ import inside run() so that `lorakit --help` stays instant; everywhere else the graph is
+    # at the top of the module, where a reader (and this test's graph) sees it.
+    bad = [f"{name}:{line} imports {module}" for name, path in module_files().items()
+           if not (_inside(name, "lorakit.commands") or name == "lorakit.cli")
+           for line, module in function_level_imports(path.read_text(encoding="utf-8"))]
+    assert bad == []
+    assert function_level_imports("def f():\n    from lorakit.x import y\n") == [(2, "lorakit.x")]
+
+
 def test_the_exceptions_are_documented():
     text = DOCS.read_text(encoding="utf-8")
     section = text[text.index("## Known exceptions"):]

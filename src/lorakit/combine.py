@@ -52,6 +52,7 @@ from lorakit.adapters.lora import LoraEmbedding, LoraLinear
 from lorakit.adapters.parameter import LoraParameter
 from lorakit.adapters.peft_format import WEIGHTS_NAME, Factors, nest_module, part_file_key, read_factors
 from lorakit.errors import LorakitError
+from lorakit.inject import adapter_configs, add_adapter, check_adapter_name, named_adapter_layers
 
 COMBINE_METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -371,7 +372,6 @@ def _combined_config(configs: list[LoraConfig], parts: list[dict[str, Factors]],
 
 def model_factors(model: nn.Module, name: str) -> tuple[LoraConfig, dict[str, Factors]]:
     """Adapter ``name``'s config and per-module factors, read off a model's LoRA layers."""
-    from lorakit.inject import adapter_configs, named_adapter_layers
 
     configs = adapter_configs(model)
     if name not in configs:
@@ -410,8 +410,6 @@ def combine_adapters(model: nn.Module, names: Sequence[str], new_name: str, weig
     Raises:
         LorakitError: as :func:`combine`, or ``new_name`` exists.
     """
-    from lorakit.inject import add_adapter, adapter_configs, check_adapter_name, named_adapter_layers
-
     check_adapter_name(new_name)
     if new_name in adapter_configs(model):
         raise LorakitError(f"adapter {new_name!r} already exists; pick another name or delete it first")

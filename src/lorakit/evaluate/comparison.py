@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.pipeline import pad_token_id
 from lorakit.evaluate.core import EvalConfig, EvalData, answer_loss, evaluate, read_eval_data
+from lorakit.inject import active_adapters, disabled, set_active
 
 GENERAL_ENGLISH = str(Path(__file__).with_name("general_english.jsonl"))
 BASE = "base"
@@ -39,9 +41,6 @@ def compare(model: Any, tokenizer: Any, adapters: list[str], data: str, config: 
         forgetting), ``metrics`` (names), ``examples`` (per example: prompt, reference, each
         model's output and scores), and the settings.
     """
-    from lorakit.data.pipeline import pad_token_id
-    from lorakit.inject import active_adapters, disabled, set_active
-
     config = config or EvalConfig()
     started = time.time()
     task = read_eval_data(data, tokenizer, config)

@@ -24,8 +24,14 @@ from typing import Any
 
 import torch
 
+from lorakit.data.collation import collate_padded
+from lorakit.data.config import DataConfig
+from lorakit.data.pipeline import pad_token_id
+from lorakit.data.templates import PLAIN_TEMPLATE, render, resolve_template
+from lorakit.data.tokenize import DataReport, iter_samples, tokenize_file
 from lorakit.errors import LorakitError
 from lorakit.evaluate import metrics as M
+from lorakit.train.loss import causal_inputs, default_chunk, split_head
 
 IGNORE = -100
 
@@ -70,8 +76,6 @@ class EvalConfig:
     def data_config(self, path: str, text: bool = False) -> Any:
         import dataclasses
 
-        from lorakit.data.config import DataConfig
-
         if self.data is not None and not text:
             return dataclasses.replace(self.data, train=path, eval=None, eval_split=None, packing=False, cache=False)
         return DataConfig(train=path, format="text" if text else self.format, max_length=self.max_length,
@@ -104,9 +108,6 @@ def read_eval_data(path: str, tokenizer: Any, config: EvalConfig, text: bool = F
     Raises:
         LorakitError: a missing or malformed file (the row is named).
     """
-    from lorakit.data.templates import resolve_template
-    from lorakit.data.tokenize import DataReport, iter_samples, tokenize_file
-
     data_config = config.data_config(path, text)
     rows, _ = tokenize_file(path, tokenizer, data_config, use_cache=False)
     if config.limit is not None and config.limit < len(rows):
@@ -140,9 +141,6 @@ def answer_loss(model: torch.nn.Module, rows: Any, pad_token_id: int, batch_size
         ``loss`` (mean over all answer tokens), ``perplexity``, ``tokens``, ``rows`` and
         ``row_losses`` (each row's mean; None for a row without answer tokens).
     """
-    from lorakit.data.collation import collate_padded
-    from lorakit.train.loss import causal_inputs, split_head
-
     device = next(model.parameters()).device
     parts = split_head(model)  # a plain linear head: logits only where a label scores, a chunk at a time
     order = sorted(range(len(rows)), key=lambda i: -int(rows.lengths[i]))  # similar lengths together
@@ -177,7 +175,6 @@ def _scored_loss(out: torch.Tensor, targets: torch.Tensor, parts: tuple | None) 
     hidden states, which go through the head in chunks (the logits of the model's dtype, upcast, as HF does)."""
     if parts is None:
         return float(torch.nn.functional.cross_entropy(out.float(), targets, reduction="sum"))
-    from lorakit.train.loss import default_chunk
 
     head = parts[1]
     step = default_chunk(head.weight.shape[0])
@@ -196,8 +193,6 @@ def generate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example]
     Returns:
         The decoded answers (special tokens removed, surrounding whitespace stripped), in order.
     """
-    from lorakit.data.pipeline import pad_token_id
-
     device = next(model.parameters()).device
     prompts = [generation_prompt(tokenizer, template, ex) for ex in examples]
     pad = pad_token_id(tokenizer)
@@ -227,7 +222,6 @@ def generation_prompt(tokenizer: Any, template: str, example: Example) -> list[i
     """The token ids an answer to ``example`` is generated from: its prompt rendered with ``template``
     and the generation prompt, tokenised as training tokenises it (the template's own special
     tokens; the tokenizer's only for the plain template)."""
-    from lorakit.data.templates import PLAIN_TEMPLATE, render
 
     text, _ = render(tokenizer, template, example.prompt, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=template == PLAIN_TEMPLATE)["input_ids"])
@@ -295,13 +289,10 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, data: str | EvalData, confi
     Raises:
         LorakitError: bad data, a metric that cannot be loaded or that raises (named with the example).
     """
-    from lorakit.data.pipeline import pad_token_id
-
     config = config or EvalConfig()
     if isinstance(data, str):
         data = read_eval_data(data, tokenizer, config)
     elif not isinstance(data, EvalData):  # tokenised rows (a held-out split): loss only
-        from lorakit.data.templates import resolve_template
 
         rows = data.select(range(min(config.limit, len(data)))) if config.limit else data
         data = EvalData(getattr(data, "source", ""), rows, [], resolve_template(tokenizer, config.chat_template))

@@ -52,6 +52,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorakit.errors import LorakitError
+from lorakit.models import load_model, load_tokenizer
 from lorakit.serve import DEFAULT_PREFIX_CACHE_BYTES
 from lorakit.serve.head import OutputHead
 from lorakit.serve.kv import BatchCache
@@ -96,7 +97,6 @@ class Engine:
         strategy: ``grouped`` (default) or ``gather``; see :mod:`lorakit.serve.layers`.
         prefix_cache_bytes: memory for cached prompt prefixes (0 turns the prefix cache off).
     """
-
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_resident: int = 8,
                  max_rank: int = 16, target_modules: list[str] | str = "all-linear",
                  max_context: int | None = None, max_prefill_tokens: int = 8192,
@@ -139,7 +139,6 @@ class Engine:
                         dtype: torch.dtype | str | None = None, device: str | None = None, **kwargs: Any) -> Engine:
         """An engine over base model ``base`` (any spec :func:`lorakit.models.resolve` takes) with
         ``adapters`` (name → PEFT folder) loaded; ``kwargs`` go to :class:`Engine`."""
-        from lorakit.models import load_model, load_tokenizer
 
         engine = cls(load_model(base, dtype=dtype, device=device), load_tokenizer(base), **kwargs)
         for name, folder in (adapters or {}).items():
