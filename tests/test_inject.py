@@ -147,3 +147,30 @@ def test_bias_modes(tmp_path):
     add_adapter(model, LoraConfig(target_modules=["q_proj"], bias="all"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert len(trainable) == 6 and all(n.endswith("bias") for n in trainable)
+
+
+def test_one_switch_for_every_adapter_nested_blocks_and_adapters_added_while_off(tiny_llama, input_ids):
+    with torch.no_grad():
+        base = tiny_llama(input_ids).logits
+        add_adapter(tiny_llama, LoraConfig(target_modules=["q_proj"], init_lora_weights=False), "a")
+        adapted = tiny_llama(input_ids).logits
+        assert not torch.allclose(adapted, base)
+        with lorakit.disabled(tiny_llama):
+            with lorakit.disabled(tiny_llama):  # an inner block must not switch the outer one back on
+                pass
+            assert not lorakit.inject.is_enabled(tiny_llama)
+            torch.testing.assert_close(tiny_llama(input_ids).logits, base, rtol=0, atol=0)
+        assert lorakit.inject.is_enabled(tiny_llama)
+        torch.testing.assert_close(tiny_llama(input_ids).logits, adapted, rtol=0, atol=0)
+
+        lorakit.set_enabled(tiny_llama, False)
+        add_adapter(tiny_llama, LoraConfig(target_modules=["v_proj", "up_proj"], init_lora_weights=False), "b")
+        torch.testing.assert_close(tiny_llama(input_ids).logits, base, rtol=0, atol=0)  # b follows the switch
+        with lorakit.disabled(tiny_llama):
+            pass
+        assert not lorakit.inject.is_enabled(tiny_llama)  # a block on a model already off leaves it off
+        lorakit.enable(tiny_llama)  # the PEFT-style names are the same switch
+        assert not torch.allclose(tiny_llama(input_ids).logits, base)
+        lorakit.disable(tiny_llama)
+        assert not lorakit.inject.is_enabled(tiny_llama)
+        torch.testing.assert_close(tiny_llama(input_ids).logits, base, rtol=0, atol=0)

@@ -49,3 +49,13 @@ def test_type_checkers_see_what_the_lazy_table_serves(package):
     assert set(module._LAZY) <= set(module.__all__)
     for name, source in module._LAZY.items():
         assert getattr(module, name) is getattr(importlib.import_module(source), name), name
+
+
+@pytest.mark.parametrize("package", lazy_packages())
+def test_no_exported_name_is_also_a_submodule(package):
+    # `import lorakit.merge` would rebind the attribute lorakit.merge (the function) to the module:
+    # that is why the module defining merge() is lorakit/merging.py.
+    folder = SRC.joinpath(*package.split(".")[1:])
+    submodules = {p.stem for p in folder.glob("*.py")} | {p.parent.name for p in folder.glob("*/__init__.py")}
+    module = importlib.import_module(package)
+    assert not submodules & set(module._LAZY), f"{package}: exported names that are also submodules"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the lazy table below, for type checkers and editors (tests/
     from lorakit.errors import LorakitError as LorakitError
     from lorakit.inject import (
         add_adapter as add_adapter, delete_adapter as delete_adapter, disable as disable, disabled as disabled,
-        enable as enable, parameter_counts as parameter_counts, set_active as set_active,
+        enable as enable, parameter_counts as parameter_counts, set_active as set_active, set_enabled as set_enabled,
         trainable_parameters as trainable_parameters,
     )
     from lorakit.merged_folder import merge_to_folder as merge_to_folder
@@ -40,6 +40,7 @@ _LAZY = {
     "disable": "lorakit.inject",
     "enable": "lorakit.inject",
     "disabled": "lorakit.inject",
+    "set_enabled": "lorakit.inject",
     "parameter_counts": "lorakit.inject",
     "trainable_parameters": "lorakit.inject",  # the first name of parameter_counts
     "save_adapter": "lorakit.adapter_io",

@@ -6,9 +6,9 @@ or ``all-linear`` (every Linear/Conv1D but the output head). The matching rules 
 are stricter: every listed target must match something, and the error names the closest modules.
 
 State lives where it belongs: adapter tensors and active/merged sets on each layer
-(:mod:`lorakit.adapters.lora`); the per-adapter :class:`LoraConfig` (needed again to save) and the
-active list in one :class:`AdapterState` kept in the model instance's ``__dict__`` (no class is
-patched).
+(:mod:`lorakit.adapters.lora`); the per-adapter :class:`LoraConfig` (needed again to save), the
+active list and the on/off switch (:func:`set_enabled`) in one :class:`AdapterState` kept in the
+model instance's ``__dict__`` (no class is patched).
 
 Trainability follows one rule, re-applied whenever adapters change (:func:`refresh_trainable`):
 the tensors of active adapters not loaded for inference train; base biases train per the
@@ -94,6 +94,8 @@ def add_adapter(
             set_submodule(model, module_name, wrapper)
         wrapper.add(name)
     configs[name] = config
+    if not is_enabled(model):
+        set_enabled(model, False)  # the new layers follow the switch
     if activate:
         set_active(model, [name])
     else:
@@ -131,10 +133,12 @@ def resolve_config(model: nn.Module, config: LoraConfig,
 
 @dataclass
 class AdapterState:
-    """What a model knows of its adapters beyond the layers: configs by name, the active list."""
+    """What a model knows of its adapters beyond the layers: configs by name, the active list, and
+    whether adapters apply at all (:func:`set_enabled`)."""
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    enabled: bool = True
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -186,28 +190,45 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     refresh_trainable(model)
 
 
-def disable(model: nn.Module) -> None:
-    """Run the base model alone: unmerge merged adapters, then bypass every adapter."""
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """The one switch over every adapter of ``model``.
+
+    ``False``: the model computes as the base model alone (merged adapters are unmerged first, since
+    bypassing a layer cannot undo a merge); adapters added while it is off stay off. ``True``: the
+    active adapters apply again (they stay unmerged). :func:`disabled` is the scoped form.
+    """
     for layer in adapter_layers(model):
-        if isinstance(layer, LoraLayer):
+        if not enabled and isinstance(layer, LoraLayer):
             layer.unmerge()
-        layer.disabled = True
+        layer.disabled = not enabled
+    adapter_state(model).enabled = enabled
 
 
-def enable(model: nn.Module) -> None:
-    """Undo :func:`disable`."""
-    for layer in adapter_layers(model):
-        layer.disabled = False
+def is_enabled(model: nn.Module) -> bool:
+    """Where :func:`set_enabled` stands (True for a model that never had it called)."""
+    return adapter_state(model).enabled
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Context in which ``model`` computes as the base model."""
-    disable(model)
+    """Context in which ``model`` computes as the base model; the switch is put back as it was
+    (so nested blocks, and a block on a model already switched off, leave it as they found it)."""
+    before = is_enabled(model)
+    set_enabled(model, False)
     try:
         yield model
     finally:
-        enable(model)
+        set_enabled(model, before)
+
+
+def disable(model: nn.Module) -> None:
+    """``set_enabled(model, False)``, under the name PEFT users look for (``disable_adapter_layers``)."""
+    set_enabled(model, False)
+
+
+def enable(model: nn.Module) -> None:
+    """``set_enabled(model, True)``, under the name PEFT users look for (``enable_adapter_layers``)."""
+    set_enabled(model, True)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
