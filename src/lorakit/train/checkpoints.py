@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ from lorakit.adapter_io import save_adapter
 from lorakit.adapters.config import CONFIG_NAME as ADAPTER_CONFIG
 from lorakit.adapters.peft_format import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorakit.errors import LorakitError
-from lorakit.spectrum_model import CONFIG_NAME as SPECTRUM_CONFIG, WEIGHTS_NAME as SPECTRUM_WEIGHTS, save_spectrum
-from lorakit.train.spectrum import spectrum_info
+from lorakit.spectrum_model import CONFIG_NAME as SPECTRUM_CONFIG, WEIGHTS_NAME as SPECTRUM_WEIGHTS
+
+WeightsWriter = Callable[[torch.nn.Module, Path], object]
+"""Writes a run's trained weights into a folder: a checkpoint's, the final ``adapter``."""
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
@@ -74,15 +77,18 @@ class TrainerState:
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainerState, rng: dict[str, torch.Tensor] | None = None) -> Path:
+                    state: TrainerState, rng: dict[str, torch.Tensor] | None = None,
+                    save_weights: WeightsWriter = save_adapter) -> Path:
     """Write ``folder/step-N`` atomically (N = ``state.step``), replacing one of the same step.
 
     Args:
         folder: the run's ``checkpoints`` folder.
-        model: the model with the trained adapter ``default``.
+        model: the model with the trained adapter ``default`` (or a Spectrum selection).
         optimizer: its optimizer (AdamW).
         state: the position and bookkeeping to store.
         rng: RNG states to store (default: the current ones, see :func:`rng_state`).
+        save_weights: writes the trained weights into the folder (the run's
+            :func:`lorakit.train.spectrum.weights_writer`; default: the PEFT adapter).
 
     Returns:
         The checkpoint folder.
@@ -104,17 +110,8 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     return final
 
 
-def save_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """The trained weights into ``folder``: the PEFT adapter, or a Spectrum run's tensors."""
-    info = spectrum_info(model)
-    if info is not None:
-        save_spectrum(model, folder, base_model=info["base_model"], top=info["top"])
-    else:
-        save_adapter(model, folder)
-
-
 WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SPECTRUM_CONFIG, SPECTRUM_WEIGHTS)
-"""The files of a checkpoint that :func:`save_weights` wrote (those present are the final adapter)."""
+"""The files of a checkpoint that its ``save_weights`` wrote (those present are the final adapter)."""
 
 
 def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer | None = None

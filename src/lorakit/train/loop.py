@@ -228,7 +228,7 @@ def _final_adapter(run: Run) -> Path:
                     if (source / name).is_file():
                         shutil.copy2(source / name, tmp / name)
             else:
-                ckpt.save_weights(run.model, tmp)
+                run.save_weights(run.model, tmp)
             replace_folder(tmp, target)  # the previous adapter stays whole until the new one is complete
     except LorakitError as err:
         failure = write_failure(target, err.__cause__) if err.__cause__ is not None else err

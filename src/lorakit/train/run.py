@@ -36,6 +36,7 @@ from lorakit.train import checkpoints as ckpt
 from lorakit.train.config import RunConfig, TrainConfig
 from lorakit.train.distributed import Dist
 from lorakit.train.loss import CausalLMLoss
+from lorakit.train.spectrum import weights_writer
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up, then decay."""
@@ -118,6 +119,8 @@ class Run:
                                        world_size=self.dist.world, packing=self.batching.packed)
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
+        self.save_weights = weights_writer(config)
+        """Writes the trained weights into a folder: the PEFT adapter, or a Spectrum selection."""
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -218,7 +221,8 @@ class Run:
         """Process 0 writes the checkpoint (the adapter is whole on every process); the others wait."""
         folder = self.output / "checkpoints"
         if self.dist.is_main:
-            self.last_checkpoint = ckpt.save_checkpoint(folder, self.model, self.optimizer, self.state, rng)
+            self.last_checkpoint = ckpt.save_checkpoint(folder, self.model, self.optimizer, self.state, rng,
+                                                           self.save_weights)
             ckpt.prune(folder, self.cfg.keep_checkpoints, self.state.best_step)
         else:
             self.last_checkpoint = folder / f"step-{self.state.step:06d}"

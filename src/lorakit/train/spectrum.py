@@ -3,22 +3,26 @@ set up on the model (only the selection trains; checkpoints save its tensors, no
 
 The analysis itself (SNR, scan, selection) is :mod:`lorakit.spectrum`; freezing and the folder a
 Spectrum-trained model's tensors go to are :mod:`lorakit.spectrum_model`. This module holds what
-only training needs: the mark a run leaves on its model so that :mod:`lorakit.train.checkpoints`
-saves the selection (:func:`mark_spectrum`, :func:`spectrum_info`).
+only training needs: the targets, the set-up, and how the run's trained weights are written
+(:func:`weights_writer`, which the run hands to :mod:`lorakit.train.checkpoints`; nothing is marked
+on the model).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lorakit import spectrum
+from lorakit.adapter_io import save_adapter
 from lorakit.adapters.layout import is_linear
 from lorakit.errors import LorakitError
 from lorakit.models import resolve
-from lorakit.spectrum_model import freeze_for_spectrum, load_spectrum
+from lorakit.spectrum_model import freeze_for_spectrum, load_spectrum, save_spectrum
+from lorakit.train.checkpoints import WeightsWriter
 from lorakit.train.config import RunConfig
 
 
@@ -52,22 +56,15 @@ def resolve_targets(config: RunConfig, say: Callable[[str], None] = print,
 def prepare_spectrum(model: torch.nn.Module, config: RunConfig, targets: list[str] | str,
                      resume_from: Path | None) -> None:
     """``method: spectrum`` on ``model``, in place: only ``targets`` (and by default the embeddings)
-    train, the model is marked for checkpoints, and a resumed run gets its checkpoint's tensors."""
+    train, and a resumed run gets its checkpoint's tensors."""
     freeze_for_spectrum(model, targets, train_embeddings=config.adapter.spectrum_embeddings)
-    mark_spectrum(model, base_model=config.model, top=config.adapter.spectrum_top)
     if resume_from is not None:
         load_spectrum(model, resume_from)
 
 
-def mark_spectrum(model: torch.nn.Module, *, base_model: str | None, top: float | None) -> None:
-    """Record on ``model`` that its trainable tensors are a Spectrum selection.
-
-    Training's checkpoints then save them with :func:`lorakit.spectrum_model.save_spectrum` (see
-    :func:`spectrum_info`).
-    """
-    model.__dict__["lorakit_spectrum"] = {"base_model": base_model, "top": top}
-
-
-def spectrum_info(model: torch.nn.Module) -> dict | None:
-    """What :func:`mark_spectrum` recorded, or None for a model trained with adapters."""
-    return model.__dict__.get("lorakit_spectrum")
+def weights_writer(config: RunConfig) -> WeightsWriter:
+    """How a run of ``config`` writes its trained weights: the PEFT adapter, or for ``method:
+    spectrum`` the selection's tensors (:func:`lorakit.spectrum_model.save_spectrum`)."""
+    if config.adapter.method == "spectrum":
+        return functools.partial(save_spectrum, base_model=config.model, top=config.adapter.spectrum_top)
+    return save_adapter
