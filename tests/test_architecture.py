@@ -253,3 +253,25 @@ def test_an_upward_import_would_be_caught():
     assert "lorakit.adapters.lora" in graph["lorakit.inject"]
     graph["lorakit.adapters.lora"] = graph["lorakit.adapters.lora"] | {"lorakit.inject"}
     assert any({"lorakit.adapters.lora", "lorakit.inject"} <= c for c in cycles(graph))
+
+
+def renames(source: str) -> list[tuple[int, str]]:
+    """``(line, call)`` of each call that puts a file in place: ``os.rename``/``os.replace``,
+    ``shutil.move``, or a ``Path``'s ``.rename``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            call = f"{owner}.{node.func.attr}" if owner else f".{node.func.attr}"
+            if call in ("os.rename", "os.replace", "shutil.move") or node.func.attr == "rename":
+                found.append((node.lineno, call))
+    return found
+
+
+def test_files_are_put_in_place_only_by_the_atomic_write_helper():
+    # One atomic-write helper (lorakit._fs): a rename anywhere else is a second copy of it.
+    bad = [f"{name}:{line} calls {call}" for name, path in module_files().items() if name != "lorakit._fs"
+           for line, call in renames(path.read_text(encoding="utf-8"))]
+    assert bad == [], "write through lorakit._fs (atomic_write, atomic_folder, replace_folder)"
+    assert renames("import os\nos.replace(a, b)\np.rename(q)\n'x'.replace('a', 'b')\n") == [
+        (2, "os.replace"), (3, "p.rename")]
