@@ -44,7 +44,8 @@ from lorakit.adapters.quant import dense_copy, is_quantized
 from lorakit.errors import LorakitError
 from lorakit.inject import set_active, set_submodule
 from lorakit.merging import merge_and_unload
-from lorakit.models import MARKER, _parse_dtype, load_model, load_model_config, load_tokenizer, resolve
+from lorakit.models import MARKER, load_model, load_model_config, load_tokenizer, resolve
+from lorakit.models.loading import _parse_dtype
 
 INFO_NAME = "lorakit_merge.json"
 """The file in the merged folder that records the base, the adapters and the dtype."""
