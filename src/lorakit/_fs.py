@@ -2,7 +2,8 @@
 
 Every file lorakit writes for a user goes through here: it is written under a temporary name
 beside its target and renamed into place in one step, so a reader sees the old file or the new
-one, never part of one.
+one, never part of one. Also where lorakit keeps its caches (:func:`cache_dir`: converted models,
+tokenised data, Spectrum scans).
 """
 
 from __future__ import annotations
@@ -127,3 +128,21 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """The lorakit cache folder: ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``; created on demand.
+
+    Returns:
+        The folder (it exists when this returns).
+
+    Raises:
+        LorakitError: when the folder cannot be created.
+    """
+    root = Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorakitError(f"cannot create the lorakit cache folder {root}: {e}; "
+                           "set LORAKIT_CACHE to a writable folder") from e
+    return root

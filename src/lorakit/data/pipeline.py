@@ -26,7 +26,7 @@ def load_data(config: DataConfig, tokenizer: Any, *, cache_root: str | None = No
     Args:
         config: the ``data:`` section.
         tokenizer: a fast transformers tokenizer (``lorakit.models.load_tokenizer``).
-        cache_root: tokenisation cache folder (default under ``lorakit.models.cache_dir()``).
+        cache_root: tokenisation cache folder (default under ``lorakit._fs.cache_dir()``).
 
     Returns:
         The splits; ``eval`` is None without ``eval`` or ``eval_split``.

@@ -28,7 +28,7 @@ from lorakit.data.formats import Sample, detect_format, to_sample
 from lorakit.data.readers import BadRow, file_hash, file_kind, iter_rows
 from lorakit.data.templates import IGNORE, NoChatTemplate, encode_chat, encode_text, resolve_template
 from lorakit.errors import LorakitError
-from lorakit.models import cache_dir
+from lorakit._fs import cache_dir
 
 CACHE_VERSION = 1
 EXAMPLES_KEPT = 5  # locations listed per problem kind in a report
@@ -90,7 +90,7 @@ def tokenize_file(path: str, tokenizer: Any, config: DataConfig, *, use_cache: b
         tokenizer: a fast transformers tokenizer.
         config: formats, lengths, masking and bad-row policies.
         use_cache: override ``config.cache``.
-        cache_root: cache folder (default ``lorakit.models.cache_dir() / "data"``).
+        cache_root: cache folder (default ``lorakit._fs.cache_dir() / "data"``).
 
     Returns:
         The tokenised rows and the report of what was kept, truncated and skipped.

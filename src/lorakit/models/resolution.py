@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit import gguf_conversion
+from lorakit._fs import cache_dir as cache_dir  # the lorakit cache folder (re-exported: lorakit.models.cache_dir)
 from lorakit.errors import LorakitError
 from lorakit.gguf_conversion import MARKER as MARKER  # where a finished conversion is recorded (re-exported)
 
@@ -58,24 +59,6 @@ ALIASES: dict[str, Alias] = {
 class _Source:
     path: Path  # the folder to load from, or the GGUF file to convert
     dest: Path | None = None  # for GGUF sources: the converted folder in the cache
-
-
-def cache_dir() -> Path:
-    """The lorakit cache folder: ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``; created on demand.
-
-    Returns:
-        The folder (it exists when this returns).
-
-    Raises:
-        LorakitError: when the folder cannot be created.
-    """
-    root = Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit").expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LorakitError(f"cannot create the lorakit cache folder {root}: {e}; "
-                           "set LORAKIT_CACHE to a writable folder") from e
-    return root
 
 
 def resolve(spec: str) -> Path:

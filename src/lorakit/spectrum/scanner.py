@@ -19,7 +19,7 @@ import safetensors
 
 from lorakit._fs import atomic_write_text
 from lorakit.errors import LorakitError
-from lorakit.models import cache_dir
+from lorakit._fs import cache_dir
 from lorakit.spectrum.ranking import MatrixSnr, is_expert_weight, module_type, snr_from_singular_values, svdvals
 
 _CACHE_VERSION = 2  # bump when the SNR definition or the ranked set changes: old cache entries are then ignored
@@ -57,7 +57,7 @@ def model_fingerprint(folder: str | Path) -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where scans are cached: :func:`lorakit.models.cache_dir` (``$LORAKIT_CACHE`` or ~/.cache/lorakit)."""
+    """Where scans are cached: :func:`lorakit._fs.cache_dir` (``$LORAKIT_CACHE`` or ~/.cache/lorakit)."""
     return cache_dir()
 
 
