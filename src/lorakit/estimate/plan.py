@@ -1,7 +1,6 @@
-"""Memory planner: will this fine-tuning configuration fit, and what to change when it does not.
+"""The plan: what a setup trains, what backward keeps, the peak of one training step by part, and
+the changes that bring it under a budget.
 
-Everything comes from the model's config: the model is instantiated on the ``meta`` device (no
-weights, no memory) so parameter counts and shapes are exact for any transformers architecture.
 The peak of one training step is modelled as
 
     persistent  = weights + adapters + optimizer state (+ fp32 master copy)
@@ -19,184 +18,21 @@ step in tests/test_estimate.py; docs/estimate.md lists what the model leaves out
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
-from lorakit.adapters import experts as moe
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.parameter import innermost
 from lorakit.adapters.quant import experts_refusal
 from lorakit.errors import LorakitError
+from lorakit.estimate.model_inventory import Expert, Inventory, Linear, inventory
+from lorakit.estimate.setup import DTYPE_BYTES, Setup, nf4_bytes
 from lorakit.inject import find_targets, resolve_config
 from lorakit.spectrum import module_type
 from lorakit.train.loss import default_chunk, head_check
 
-PLAN_METHODS = ("full", "lora", "qlora", "dora", "spectrum")
-"""What the planner plans for: the training methods, and full fine-tuning."""
-ENGINES = ("lorakit", "peft")
 # Adapted layers whose output a later op keeps anyway (the activation or the gate product reads it).
 _OUTPUT_KEPT = ("gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-GIB = 1 << 30
-# GPUs people name on the command line -> GiB (a "24 GB" card has 24 GiB).
-GPU_ALIASES = {"t4": 16, "v100": 32, "a10": 24, "a10g": 24, "l4": 24, "3090": 24, "4090": 24, "5090": 32,
-               "a6000": 48, "l40s": 48, "a100": 80, "h100": 80, "h200": 141, "b200": 192}
-
-
-def nf4_bytes(numel: int) -> int:
-    """Bytes of one tensor in bitsandbytes NF4 with double quantisation (≈4.127 bits/param).
-
-    Two codes per byte; one 8-bit absmax per 64-value block; one fp32 absmax per 256 blocks plus
-    an fp32 offset for the double quantisation of those absmaxes.
-    """
-    blocks = math.ceil(numel / 64)
-    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4
-
-
-def parse_size(text: str) -> int:
-    """``"24GB"``, ``"24GiB"``, ``"80G"``, ``"24000MB"``, ``"4090"`` or ``"24"`` -> bytes.
-
-    GB and GiB both mean 2**30 bytes: GPU memory is sized in binary units, so a "24 GB" card
-    holds 24 GiB. A bare number is GiB.
-
-    Raises:
-        LorakitError: the text is not a size or a known GPU.
-    """
-    t = text.strip().lower().replace(" ", "")
-    if t in GPU_ALIASES:
-        return GPU_ALIASES[t] * GIB
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(gib|gb|g|mib|mb|m|tib|tb|t)?", t)
-    if m is None or float(m[1]) <= 0:
-        raise LorakitError(f"--gpu {text!r}: expected a memory size such as 24GB, 80GiB or 16000MB, "
-                           f"or a GPU name ({', '.join(sorted(GPU_ALIASES))})")
-    scale = {"t": 1 << 40, "g": GIB, "m": 1 << 20}[(m[2] or "g")[0]]
-    return int(float(m[1]) * scale)
-
-
-@dataclass
-class Setup:
-    """One training configuration to plan for."""
-
-    method: str = "lora"
-    """full | lora | qlora | dora | spectrum."""
-    rank: int = 16
-    """LoRA/DoRA/QLoRA rank r."""
-    batch: int = 1
-    """Micro-batch size (sequences per forward pass)."""
-    seq: int = 2048
-    """Tokens per sequence (packed or padded length)."""
-    grad_accum: int = 1
-    """Gradient accumulation steps; above 1, gradients stay alive during the next forward pass."""
-    dtype: str = "bf16"
-    """Dtype of the base weights and of activations: bf16 | fp16 | fp32 (QLoRA: NF4 weights)."""
-    adapter_dtype: str = "fp32"
-    """Dtype of adapter weights (PEFT's default upcasts them to fp32)."""
-    checkpointing: bool = False
-    """Gradient checkpointing: keep each layer's input only, recompute the rest in backward."""
-    targets: str | tuple[str, ...] = "all-linear"
-    """LoRA targets: "all-linear" (never the output head) or module-name suffixes. On MoE models they
-    resolve as lorakit (and PEFT) resolve them, experts included where PEFT includes them."""
-    target_parameters: tuple[str, ...] = ()
-    """Parameters adapted directly (PEFT's ``target_parameters``), e.g. the expert weights."""
-    dropout: float = 0.0
-    """LoRA dropout; above 0 every adapted layer keeps its own dropped-out input and mask."""
-    top: float = 25.0
-    """Spectrum: percentage of matrices trained per module type."""
-    spectrum_embeddings: bool = True
-    """Spectrum: also train the embeddings and output head (the reference does)."""
-    engine: str = "lorakit"
-    """``lorakit``: the step as ``lorakit train`` runs it (fused adapter layers that keep the input
-    once and the dropped positions; the loss over answer tokens in chunks, no full logits).
-    ``peft``: PEFT's adapter layers and the model's own loss (full fp32 logits)."""
-
-    def __post_init__(self) -> None:
-        if self.method not in PLAN_METHODS:
-            raise LorakitError(f"--method {self.method!r}: expected one of {', '.join(PLAN_METHODS)}")
-        for key in ("dtype", "adapter_dtype"):
-            if getattr(self, key) not in DTYPE_BYTES:
-                raise LorakitError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(DTYPE_BYTES)}")
-        for key in ("rank", "batch", "seq", "grad_accum"):
-            if int(getattr(self, key)) < 1:
-                raise LorakitError(f"--{key.replace('_', '-')} {getattr(self, key)}: expected a positive integer")
-        if not 0.0 <= self.top <= 100.0:
-            raise LorakitError(f"--top {self.top}: expected a percentage between 0 and 100")
-        if self.engine not in ENGINES:
-            raise LorakitError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LorakitError(f"--dropout {self.dropout}: expected a value in [0, 1)")
-        if isinstance(self.targets, list):
-            self.targets = tuple(self.targets)
-        self.target_parameters = tuple(self.target_parameters or ())
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One linear layer of the model: full name, input and output features, layer index."""
-
-    name: str
-    fan_in: int
-    fan_out: int
-    layer: int | None
-
-
-@dataclass(frozen=True)
-class Expert:
-    """One 3-D expert weight of a mixture-of-experts layer (E experts of fan_in -> fan_out each)."""
-
-    name: str
-    experts: int
-    fan_in: int
-    fan_out: int
-    layer: int | None
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What a config builds, counted on the meta device."""
-
-    arch: str
-    params: int
-    """All parameters (tied weights once)."""
-    embedding: int
-    """Input embedding parameters."""
-    head: int
-    """Output head parameters not shared with the embedding (0 when tied)."""
-    linears: tuple[Linear, ...]
-    """Every Linear/Conv1D except the output head."""
-    tensors: int
-    """Number of parameter tensors."""
-    buffer_bytes: int
-    """Non-parameter tensors (rotary frequencies …), counted in fp32."""
-    dims: dict[str, int] = field(default_factory=dict)
-    """hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, gated (0/1); MoE models also
-    experts (E), top_k, moe_intermediate."""
-    experts: tuple[Expert, ...] = ()
-    """The expert weights of mixture-of-experts layers (those transformers' experts interface serves)."""
-    model: Any = field(default=None, compare=False, repr=False)
-    """The model on the meta device (no memory), to resolve targets exactly as lorakit would."""
-
-    @property
-    def linear_params(self) -> int:
-        return sum(lin.fan_in * lin.fan_out for lin in self.linears)
-
-    @property
-    def expert_params(self) -> int:
-        return sum(e.experts * e.fan_in * e.fan_out for e in self.experts)
-
-    @property
-    def active_params(self) -> int:
-        """Parameters one token runs through: all but the experts it is not routed to."""
-        if not self.experts:
-            return self.params
-        return self.params - self.expert_params + self.expert_params * self.dims["top_k"] // self.dims["experts"]
-
-    @property
-    def other(self) -> int:
-        """Norms, biases, routers and anything else."""
-        return self.params - self.embedding - self.head - self.linear_params - self.expert_params
 
 
 @dataclass
@@ -219,71 +55,6 @@ class Estimate:
     def total(self) -> int:
         return self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.logits
 
-
-def _dim(cfg: Any, *names: str, default: int | None = None) -> int:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    if default is None:
-        raise LorakitError(f"model config ({type(cfg).__name__}) has none of {names}; cannot plan for it")
-    return default
-
-
-def inventory(config: Any) -> Inventory:
-    """Count parameters by kind and list the linear layers, from a transformers config alone.
-
-    Raises:
-        LorakitError: transformers cannot build the architecture.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, ImportError) as err:
-        raise LorakitError(f"cannot build {type(config).__name__} from its config to count parameters: {err}") from err
-    params = {id(p): p for p in model.parameters()}
-    emb = model.get_input_embeddings().weight
-    out = getattr(model.get_output_embeddings(), "weight", None)
-    head = 0 if out is None or out is emb else out.numel()
-    linears: list[Linear] = []
-    expert_weights: list[Expert] = []
-    for name, mod in model.named_modules():
-        if moe.is_interface_experts(mod):
-            kind = module_type(f"{name}.weight")
-            for weight in moe.weight_names(mod):
-                e, a, b = getattr(mod, weight).shape
-                fin, fout = (a, b) if mod.is_transposed else (b, a)
-                expert_weights.append(Expert(f"{name}.{weight}", int(e), int(fin), int(fout), kind[1] if kind else None))
-            continue
-        if mod is model.get_output_embeddings():
-            continue
-        if isinstance(mod, torch.nn.Linear):
-            fin, fout = mod.in_features, mod.out_features
-        elif isinstance(mod, Conv1D):
-            fin, fout = mod.weight.shape
-        else:
-            continue
-        kind = module_type(f"{name}.weight")
-        linears.append(Linear(name, int(fin), int(fout), kind[1] if kind else None))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h = _dim(text, "hidden_size", "n_embd", "d_model")
-    heads = _dim(text, "num_attention_heads", "n_head")
-    dims = {"hidden": h, "layers": _dim(text, "num_hidden_layers", "n_layer"), "heads": heads,
-            "kv_heads": _dim(text, "num_key_value_heads", default=heads),
-            "head_dim": _dim(text, "head_dim", default=h // heads), "vocab": emb.shape[0],
-            "intermediate": _dim(text, "intermediate_size", "n_inner", default=4 * h),
-            "gated": int(any("gate" in lin.name.rsplit(".", 1)[-1] for lin in linears))}
-    if expert_weights:
-        dims.update(experts=expert_weights[0].experts,
-                    top_k=_dim(text, "num_experts_per_tok", "moe_topk", "top_k", default=1),
-                    moe_intermediate=next((e.fan_in for e in expert_weights if e.name.endswith("down_proj")),
-                                          expert_weights[-1].fan_in))
-    buffers = 4 * sum(b.numel() for b in model.buffers())
-    return Inventory(type(model).__name__, sum(p.numel() for p in params.values()), emb.numel(), head,
-                     tuple(linears), len(params), buffers, dims, tuple(expert_weights), model)
 
 
 def _missing_targets(model: Any, targets: list[str]) -> list[str]:
