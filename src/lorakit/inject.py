@@ -95,7 +95,8 @@ def add_adapter(
         wrapper.add(name)
     configs[name] = config
     if not is_enabled(model):
-        set_enabled(model, False)  # the new layers follow the switch
+        for layer in adapter_layers(model):  # the new layers follow the switch (no unmerge: it is a flag)
+            layer.disabled = True
     if activate:
         set_active(model, [name])
     else:
